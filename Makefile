@@ -1,0 +1,45 @@
+# phivault: `make run` serves a development instance, `make test` checks everything.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help run test lint fmt bench clean
+
+help: ## List the targets.
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	@touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@ $(VENV)/.installed
+
+run: $(VENV)/.installed ## Serve https://127.0.0.1:8443 from ./var/ (created on first run).
+	$(BIN)/phivault init --dev
+	@set -a && . ./var/phivault.env && set +a && exec $(BIN)/phivault serve --host 127.0.0.1 --port 8443
+
+lint: $(VENV)/.dev-installed ## ruff (with the S security rules) and mypy --strict.
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+test: lint ## Lint, then the suite on SQLite and PostgreSQL (PHIVAULT_TEST_DATABASE_URL).
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+fmt: $(VENV)/.dev-installed ## Sort imports and apply ruff's fixes.
+	$(BIN)/ruff check --fix src tests bench
+
+bench: $(VENV)/.dev-installed ## Run the benchmarks; results land in bench/results/.
+	PYTHONPATH=src $(BIN)/python bench/crypto_bench.py
+	PYTHONPATH=src $(BIN)/python bench/audit_bench.py
+
+clean: ## Remove the virtualenv and caches (keeps ./var/).
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Who may do what: roles, route access rules, and (next) care relationships and consent."""

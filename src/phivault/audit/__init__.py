@@ -1,0 +1,1 @@
+"""The tamper-evident audit trail: events, the HMAC chain, append and verify."""

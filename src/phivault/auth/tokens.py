@@ -1,0 +1,94 @@
+"""EdDSA access tokens (RFC 9068 profile): issue, and verify with every check of SPEC §6.
+
+Verification accepts only `alg: EdDSA` with a `kid` of one of our keys, `typ: at+jwt`, our
+`iss` and `aud`, an unexpired `exp`, and well-formed `sub`, `role`, `sid` and `jti`. Anything
+else is one `InvalidToken`, whatever was wrong, so a caller learns nothing about our checks.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import jwt
+
+from phivault.config import ROLES
+from phivault.crypto.signing import SigningKey
+from phivault.errors import InvalidToken
+
+ISSUER = "phivault"
+AUDIENCE = "phivault-api"
+TOKEN_TYPE = "at+jwt"  # noqa: S105 - a JWT media type, not a secret
+ALGORITHM = "EdDSA"
+LEEWAY_SECONDS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class AccessClaims:
+    user_id: uuid.UUID
+    role: str
+    session_id: uuid.UUID
+    jti: str
+    issued_at: datetime
+    expires_at: datetime
+
+
+class AccessTokens:
+    """Issues access tokens with the first signing key and verifies them with any of them."""
+
+    def __init__(self, keys: Sequence[SigningKey], ttl_seconds: int,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        if not keys:
+            raise ValueError("at least one signing key is needed")
+        self._signer = keys[0]
+        self._public = {key.kid: key.public_key for key in keys}
+        self._jwks = {"keys": [key.public_jwk() for key in keys]}
+        self.ttl_seconds = ttl_seconds
+        self._clock = clock
+
+    def jwks(self) -> dict[str, Any]:
+        return self._jwks
+
+    def issue(self, user_id: uuid.UUID, role: str, session_id: uuid.UUID) -> str:
+        now = int(self._clock().timestamp())
+        claims = {
+            "iss": ISSUER, "aud": AUDIENCE, "sub": str(user_id), "role": role,
+            "sid": str(session_id), "iat": now, "exp": now + self.ttl_seconds,
+            "jti": secrets.token_urlsafe(16),
+        }
+        return jwt.encode(claims, self._signer.private_key, algorithm=ALGORITHM,
+                          headers={"kid": self._signer.kid, "typ": TOKEN_TYPE})
+
+    def verify(self, token: str) -> AccessClaims:
+        try:
+            header = jwt.get_unverified_header(token)
+            key = self._public.get(header.get("kid", ""))
+            if key is None or header.get("alg") != ALGORITHM or header.get("typ") != TOKEN_TYPE:
+                raise InvalidToken()
+            claims = jwt.decode(
+                token, key, algorithms=[ALGORITHM], audience=AUDIENCE, issuer=ISSUER,
+                leeway=LEEWAY_SECONDS,
+                options={"require": ["iss", "aud", "sub", "iat", "exp", "jti"],
+                         "verify_iat": False},
+            )
+            now = self._clock().timestamp()
+            # PyJWT checks `exp` against the real clock; ours may be injected (tests, replay).
+            if not isinstance(claims["exp"], int) or claims["exp"] + LEEWAY_SECONDS <= now:
+                raise InvalidToken()
+            role = claims.get("role")
+            if role not in ROLES or not isinstance(claims["jti"], str):
+                raise InvalidToken()
+            return AccessClaims(
+                user_id=uuid.UUID(claims["sub"]), role=role,
+                session_id=uuid.UUID(claims["sid"]), jti=claims["jti"],
+                issued_at=datetime.fromtimestamp(claims["iat"], UTC),
+                expires_at=datetime.fromtimestamp(claims["exp"], UTC),
+            )
+        except InvalidToken:
+            raise
+        except (jwt.PyJWTError, KeyError, ValueError, TypeError, AttributeError):
+            raise InvalidToken() from None

@@ -1,0 +1,85 @@
+"""What every command shares: loading settings (exit 2 on a bad one), running async work with a
+runtime, reporting failures as one line, and progress that suits a terminal or a log."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeRemainingColumn
+
+from phivault.config import ConfigError, Settings, load_settings
+from phivault.request_context import RequestContext, new_request_id, set_request
+from phivault.runtime import Runtime
+
+T = TypeVar("T")
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one line to stderr and exit with `code`."""
+    err.print(f"phivault: {message}", markup=False)
+    raise typer.Exit(code)
+
+
+def settings_or_exit() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        fail(str(exc), 2)
+
+
+def run_with_runtime(command: str, work: Callable[[Runtime], Awaitable[T]],
+                     settings: Settings | None = None) -> T:
+    """Run `work` with a runtime built from the environment, as the CLI's own request."""
+    settings = settings or settings_or_exit()
+
+    async def main() -> T:
+        set_request(RequestContext(request_id=f"cli-{new_request_id()}",
+                                   user_agent=f"phivault-cli/{command}"))
+        runtime = Runtime.from_settings(settings, pool_size=2)
+        try:
+            return await work(runtime)
+        finally:
+            await runtime.close()
+
+    return asyncio.run(main())
+
+
+class Reporter:
+    """Progress for long jobs: a Rich bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, progress: Progress | None, task: TaskID | None, label: str,
+                 total: int) -> None:
+        self._progress, self._task, self._label, self._total = progress, task, label, total
+        self._done = 0
+        self._last_line = -1
+
+    def advance(self, amount: int) -> None:
+        self._done += amount
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=self._done)
+            return
+        percent = int(100 * self._done / self._total) if self._total else 100
+        if percent // 10 != self._last_line // 10 or self._done >= self._total:
+            self._last_line = percent
+            print(f"{self._label}: {self._done}/{self._total} ({percent}%)", file=sys.stderr,
+                  flush=True)
+
+
+@contextmanager
+def progress(label: str, total: int) -> Iterator[Reporter]:
+    if sys.stderr.isatty():
+        bar = Progress("[progress.description]{task.description}", BarColumn(),
+                       MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=False)
+        with bar:
+            task = bar.add_task(label, total=total)
+            yield Reporter(bar, task, label, total)
+    else:
+        yield Reporter(None, None, label, total)

@@ -1,0 +1,90 @@
+"""`phivault keys generate|status|rewrap`: key material and master-key rotation."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from phivault.audit import service as audit
+from phivault.audit.actions import Action
+from phivault.cli.common import fail, progress, run_with_runtime
+from phivault.crypto.keys import KeyKind, generate_key_line
+from phivault.keys import service
+from phivault.runtime import Runtime
+
+app = typer.Typer(help="Generate keys, count data keys per master key, re-wrap after rotation.",
+                  no_args_is_help=True)
+
+
+@app.command()
+def generate(
+    kind: Annotated[KeyKind, typer.Option(help="Which variable the key is for.")] = KeyKind.MASTER,
+) -> None:
+    """Print one new key in the form its variable takes.
+
+    master and jwt: `id:base64url`; index and audit: bare base64url. Keys are 32 random bytes.
+    To rotate the master key, put the new line FIRST in PHIVAULT_MASTER_KEYS (keep the old ones
+    after it), restart, then run `phivault keys rewrap`.
+    """
+    typer.echo(generate_key_line(kind))
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Count the data keys each master key wraps."""
+
+    async def work(runtime: Runtime) -> service.KeyStatus:
+        async with runtime.sessions() as session:
+            return await service.key_status(session, runtime.envelope)
+
+    result = run_with_runtime("keys-status", work)
+    if as_json:
+        typer.echo(json.dumps({"active": result.active, "deks": result.deks}))
+    else:
+        typer.echo(f"active master key: {result.active}")
+        for kek_id, count in result.deks.items():
+            marker = " (active)" if kek_id == result.active else ""
+            missing = " (NOT IN PHIVAULT_MASTER_KEYS)" if kek_id in result.unknown else ""
+            typer.echo(f"  {kek_id}: {count} data keys{marker}{missing}")
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+
+
+@app.command()
+def rewrap(
+    batch_size: Annotated[int, typer.Option(min=1, max=100_000,
+                                            help="Data keys per transaction.")] = 5000,
+) -> None:
+    """Re-wrap every data key under the active master key, without decrypting any PHI.
+
+    Batched, resumable after a crash (each batch commits on its own), idempotent, and safe
+    while the server serves. Exits 0 when every data key is under the active master key.
+    """
+
+    async def work(runtime: Runtime) -> int:
+        async with runtime.sessions() as session:
+            total = await service.count_to_rewrap(session, runtime.envelope)
+        done = 0
+        with progress("rewrap", total) as report:
+            while True:
+                async with runtime.unit_of_work() as session:
+                    count = await service.rewrap_batch(session, runtime.envelope, batch_size)
+                if not count:
+                    break
+                done += count
+                report.advance(count)
+        async with runtime.unit_of_work() as session:
+            audit.record(session, Action.KEY_REWRAP,
+                         metadata={"rewrapped": done, "active": runtime.envelope.ring.active_id})
+        async with runtime.sessions() as session:
+            return await service.count_to_rewrap(session, runtime.envelope)
+
+    left = run_with_runtime("keys-rewrap", work)
+    if left:
+        fail(f"{left} data keys are still under a master key that is not in "
+             "PHIVAULT_MASTER_KEYS; see `phivault keys status`")
+    typer.echo("every data key is wrapped by the active master key")

@@ -1,0 +1,45 @@
+"""The `phivault` entry point: the command tree, and one-line failures instead of tracebacks."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from phivault import __version__
+from phivault.cli import audit, instance, keys
+
+app = typer.Typer(
+    name="phivault", no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False,
+    help="phivault keeps medical data safe. Every command reads the PHIVAULT_* environment "
+         "(a .env file works too); see the README for each variable.",
+)
+app.command()(instance.init)
+app.command()(instance.migrate)
+app.command()(instance.serve)
+app.add_typer(keys.app, name="keys")
+app.add_typer(audit.app, name="audit")
+
+
+@app.command()
+def version() -> None:
+    """Print phivault's version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("phivault: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        # Only the type: a message could carry a bound value from the database.
+        print(f"phivault: unexpected error ({type(exc).__name__})",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""Settings: every `PHIVAULT_*` variable, validated once, with secrets masked.
+
+`load_settings()` is called by the app factory and the CLI, never at import time. Any bad or
+missing variable becomes one `ConfigError` naming the variable, which the CLI prints as one line
+and exits 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from limits import RateLimitItem, parse
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from phivault.crypto import KeyFormatError
+from phivault.crypto.envelope import MasterKeyRing
+from phivault.crypto.keys import decode_key, is_dev_key, parse_key_ring
+from phivault.crypto.signing import SigningKey, parse_jwt_keys
+from phivault.crypto.tls import certificate_problem, is_self_signed_localhost
+
+ENV_PREFIX = "PHIVAULT_"
+
+# The settings that may also be given as `<NAME>_FILE` (a path to a file holding the value).
+SECRET_FIELDS = ("master_keys", "index_key", "audit_key", "jwt_keys", "redis_url", "metrics_token",
+                 "database_url")
+
+# The order in which problems are reported: the spec's table order, so the first line an
+# operator sees names the first variable they would look at.
+FIELD_ORDER = (
+    "env", "database_url", "master_keys", "index_key", "audit_key", "jwt_keys", "tls_cert_file",
+    "tls_key_file", "behind_proxy", "trusted_proxies", "redis_url", "access_token_ttl",
+    "refresh_token_ttl", "auth_rate_limit", "lockout", "mfa_required_roles", "metrics_token",
+    "log_level",
+)
+
+ROLES = ("patient", "doctor", "admin", "auditor")
+DEV_TLS_CERT = Path("var/tls/cert.pem")
+DEV_TLS_KEY = Path("var/tls/key.pem")
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong. `str()` is one line naming the variable; no secrets."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        self.variable = variable
+        self.problem = problem
+        super().__init__(f"{variable}: {problem}")
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+class _SecretFileSource(PydanticBaseSettingsSource):
+    """Reads `PHIVAULT_<NAME>_FILE` for the secret settings (the container-secrets convention)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        path = os.environ.get(env_name(field_name) + "_FILE")
+        if field_name not in SECRET_FIELDS or not path:
+            return None, field_name, False
+        if os.environ.get(env_name(field_name)):
+            raise ConfigError(env_name(field_name) + "_FILE",
+                              f"set either {env_name(field_name)} or {env_name(field_name)}_FILE,"
+                              " not both")
+        try:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ConfigError(env_name(field_name) + "_FILE",
+                              f"cannot read the file ({reason})") from None
+        return value, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, info in self.settings_cls.model_fields.items():
+            value, key, _ = self.get_field_value(info, name)
+            if value is not None:
+                values[key] = value
+        return values
+
+
+class Settings(BaseSettings):
+    """phivault's configuration (SPEC §3). Build it with `load_settings()`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True,
+        hide_input_in_errors=True,
+    )
+
+    env: Literal["dev", "prod"] = "dev"
+    database_url: SecretStr = SecretStr("sqlite+aiosqlite:///var/phivault.db")
+    master_keys: SecretStr
+    index_key: SecretStr
+    audit_key: SecretStr
+    jwt_keys: SecretStr
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    behind_proxy: bool = False
+    trusted_proxies: str = ""
+    redis_url: SecretStr | None = None
+    access_token_ttl: int = Field(900, ge=60, le=3600)
+    refresh_token_ttl: int = Field(604800, ge=3600, le=90 * 86400)
+    auth_rate_limit: str = "20/minute"
+    lockout: str = "5/15minutes"
+    mfa_required_roles: str | None = None
+    metrics_token: SecretStr | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, _SecretFileSource(settings_cls), env_settings, dotenv_settings)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    @field_validator("master_keys")
+    @classmethod
+    def _check_master_keys(cls, value: SecretStr) -> SecretStr:
+        MasterKeyRing(parse_key_ring(value.get_secret_value()))
+        return value
+
+    @field_validator("index_key", "audit_key")
+    @classmethod
+    def _check_bare_key(cls, value: SecretStr) -> SecretStr:
+        decode_key(value.get_secret_value())
+        return value
+
+    @field_validator("jwt_keys")
+    @classmethod
+    def _check_jwt_keys(cls, value: SecretStr) -> SecretStr:
+        parse_jwt_keys(value.get_secret_value())
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: str) -> str:
+        for item in filter(None, (p.strip() for p in value.split(","))):
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError("each item must be an IP address or network") from None
+        return value
+
+    @field_validator("auth_rate_limit", "lockout")
+    @classmethod
+    def _check_limit(cls, value: str) -> str:
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError("must be a rate such as 20/minute or 5/15minutes") from None
+        return value
+
+    @field_validator("mfa_required_roles")
+    @classmethod
+    def _check_roles(cls, value: str | None) -> str | None:
+        if value is not None:
+            unknown = {r.strip() for r in value.split(",") if r.strip()} - set(ROLES)
+            if unknown:
+                raise ValueError(f"unknown role(s): {', '.join(sorted(unknown))}")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_dev_material_in_prod(self) -> Settings:
+        if self.env != "prod":
+            return self
+        if any(is_dev_key(raw) or kid.startswith("dev-") for kid, raw in self.master_key_pairs):
+            raise ConfigError(env_name("master_keys"), _DEV_KEY)
+        for field in ("index_key", "audit_key"):
+            if is_dev_key(decode_key(getattr(self, field).get_secret_value())):
+                raise ConfigError(env_name(field), _DEV_KEY)
+        if any(key.is_dev for key in self.signing_keys):
+            raise ConfigError(env_name("jwt_keys"), _DEV_KEY)
+        return self
+
+    # Parsed forms, computed once per Settings object.
+
+    @cached_property
+    def master_key_pairs(self) -> list[tuple[str, bytes]]:
+        return parse_key_ring(self.master_keys.get_secret_value())
+
+    @cached_property
+    def master_key_ring(self) -> MasterKeyRing:
+        return MasterKeyRing(self.master_key_pairs)
+
+    @cached_property
+    def index_key_bytes(self) -> bytes:
+        return decode_key(self.index_key.get_secret_value())
+
+    @cached_property
+    def audit_key_bytes(self) -> bytes:
+        return decode_key(self.audit_key.get_secret_value())
+
+    @cached_property
+    def signing_keys(self) -> list[SigningKey]:
+        return parse_jwt_keys(self.jwt_keys.get_secret_value())
+
+    @cached_property
+    def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        items = [p.strip() for p in self.trusted_proxies.split(",") if p.strip()]
+        if not items and self.behind_proxy:
+            # Behind a proxy on the same host (deploy/nginx.conf): trust the loopback proxy.
+            items = ["127.0.0.1/32", "::1/128"]
+        return tuple(ipaddress.ip_network(item, strict=False) for item in items)
+
+    @cached_property
+    def auth_rate_limit_item(self) -> RateLimitItem:
+        return parse(self.auth_rate_limit)
+
+    @cached_property
+    def lockout_item(self) -> RateLimitItem:
+        return parse(self.lockout)
+
+    @cached_property
+    def mfa_roles(self) -> frozenset[str]:
+        if self.mfa_required_roles is None:
+            return frozenset({"doctor", "admin", "auditor"}) if self.env == "prod" else frozenset()
+        return frozenset(r.strip() for r in self.mfa_required_roles.split(",") if r.strip())
+
+    @property
+    def database_url_value(self) -> str:
+        return self.database_url.get_secret_value()
+
+    def tls_files(self) -> tuple[Path, Path]:
+        """The certificate chain and key `serve` uses (dev defaults under var/tls/)."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            if self.env == "prod":
+                raise ConfigError("PHIVAULT_TLS_CERT_FILE",
+                                  "required in prod (or set PHIVAULT_BEHIND_PROXY=true)")
+            return (self.tls_cert_file or DEV_TLS_CERT, self.tls_key_file or DEV_TLS_KEY)
+        return self.tls_cert_file, self.tls_key_file
+
+    def check_serving(self) -> None:
+        """Refuse to serve with TLS material that cannot work, or that prod must not use."""
+        if self.behind_proxy:
+            return
+        cert, key = self.tls_files()
+        problem = certificate_problem(cert, key)
+        if problem:
+            raise ConfigError("PHIVAULT_TLS_CERT_FILE", problem)
+        if self.env == "prod" and is_self_signed_localhost(cert):
+            raise ConfigError("PHIVAULT_TLS_CERT_FILE",
+                              "is a self-signed certificate for localhost; prod needs a real one")
+
+
+_DEV_KEY = ("holds a key made by `phivault init --dev`; PHIVAULT_ENV=prod needs keys from "
+            "`phivault keys generate`")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings from the environment, turning every problem into one `ConfigError`."""
+    try:
+        return Settings(**overrides)
+    except ConfigError:
+        raise
+    except ValidationError as exc:
+        raise _first_problem(exc) from None
+
+
+def _first_problem(exc: ValidationError) -> ConfigError:
+    errors = exc.errors(include_input=False, include_url=False)
+
+    def rank(error: Any) -> int:
+        field = str(error["loc"][0]) if error["loc"] else ""
+        return FIELD_ORDER.index(field) if field in FIELD_ORDER else len(FIELD_ORDER)
+
+    errors.sort(key=rank)
+    first = errors[0]
+    field = str(first["loc"][0]) if first["loc"] else "settings"
+    ctx_error = (first.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, ConfigError):
+        return ctx_error
+    if first["type"] == "missing":
+        problem = "is required but not set"
+    elif isinstance(ctx_error, KeyFormatError | ValueError):
+        problem = str(ctx_error)
+    else:
+        problem = str(first["msg"])
+    more = len({str(e["loc"][0]) for e in errors if e["loc"]}) - 1
+    if more > 0:
+        problem += f" (and {more} more setting{'s' if more > 1 else ''} to fix)"
+    return ConfigError(env_name(field), problem)
+
+
+__all__ = ["ConfigError", "Settings", "load_settings", "ROLES", "SECRET_FIELDS"]

@@ -1,0 +1,11 @@
+"""Every table's model, imported in one place so Alembic and the drift test see all of them."""
+
+from __future__ import annotations
+
+from phivault.audit import models as audit_models
+from phivault.db.base import Base
+from phivault.keys import models as key_models
+
+target_metadata = Base.metadata
+
+__all__ = ["audit_models", "key_models", "target_metadata"]

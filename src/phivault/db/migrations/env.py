@@ -1,0 +1,27 @@
+"""Alembic environment: runs migrations on the connection that `phivault.db.migrate` passes in."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from phivault.db.metadata import target_metadata
+
+config = context.config
+
+
+def run_on(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+connection = config.attributes.get("connection")
+if connection is None:
+    raise RuntimeError("run migrations with `phivault migrate`, not the alembic command")
+run_on(connection)

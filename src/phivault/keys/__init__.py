@@ -1,0 +1,1 @@
+"""Data-encryption keys: their table, row ciphers for services, status and rewrap."""

@@ -1,0 +1,145 @@
+"""Data keys for services, and the key lifecycle: status and rewrap.
+
+A service that stores a row of PHI asks for a `RowCipher`: `new_row_cipher` creates the row's
+data key (stored wrapped in `data_keys`), `row_cipher` loads it back. The cipher seals and opens
+that row's values with the associated data bound to (table, column, row id).
+
+`rewrap_batch` re-wraps data keys under the active master key without decrypting any PHI: it
+only unwraps and wraps the 32-byte keys. Each batch is its own transaction and only touches keys
+not yet under the active master key, so a crash (even `kill -9`) loses nothing, a rerun resumes
+where it stopped, and running it twice is harmless. Concurrent readers see the old or the new
+wrap, both of which open while the old master key is still in the ring.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from phivault.crypto import IntegrityError
+from phivault.crypto.envelope import DataKey, Envelope
+from phivault.db.base import utcnow
+from phivault.keys.models import DataKeyRow
+
+# AES-GCM with random 96-bit nonces: NIST SP 800-38D caps one key at 2^32 encryptions. A master
+# key wraps one data key per row; `keys status` warns at a tenth of that, far ahead of the cap.
+WRAP_LIMIT = 2**32
+WRAP_WARNING = WRAP_LIMIT // 10
+
+
+class RowCipher:
+    """Seals and opens the values of one row under that row's data key."""
+
+    __slots__ = ("_envelope", "_key", "row_id", "table")
+
+    def __init__(self, envelope: Envelope, key: DataKey, table: str, row_id: uuid.UUID) -> None:
+        self._envelope = envelope
+        self._key = key
+        self.table = table
+        self.row_id = row_id
+
+    @property
+    def data_key_id(self) -> uuid.UUID:
+        return self._key.id
+
+    def seal(self, column: str, value: str) -> bytes:
+        return self._envelope.seal_text(self._key, self.table, column, self.row_id, value)
+
+    def open(self, column: str, ciphertext: bytes) -> str:
+        return self._envelope.open_text(self._key, self.table, column, self.row_id, ciphertext)
+
+    def seal_optional(self, column: str, value: str | None) -> bytes | None:
+        return None if value is None else self.seal(column, value)
+
+    def open_optional(self, column: str, ciphertext: bytes | None) -> str | None:
+        return None if ciphertext is None else self.open(column, ciphertext)
+
+    def __repr__(self) -> str:
+        return f"RowCipher(table={self.table!r}, row_id={self.row_id})"
+
+
+def new_row_cipher(session: AsyncSession, envelope: Envelope, table: str,
+                   row_id: uuid.UUID) -> RowCipher:
+    """Create the data key of a new row (added to `session`) and a cipher for its values."""
+    key = envelope.new_data_key(uuid.uuid4())
+    session.add(DataKeyRow(id=key.id, kek_id=key.kek_id, wrapped=key.wrapped,
+                           created_at=utcnow()))
+    return RowCipher(envelope, key, table, row_id)
+
+
+async def row_cipher(session: AsyncSession, envelope: Envelope, table: str, row_id: uuid.UUID,
+                     data_key_id: uuid.UUID) -> RowCipher:
+    """The cipher of an existing row. A missing data key (an erased row) is an IntegrityError:
+    its values can never be opened again."""
+    wrapped = (await session.execute(select(DataKeyRow.wrapped)
+                                     .where(DataKeyRow.id == data_key_id))).scalar_one_or_none()
+    if wrapped is None:
+        raise IntegrityError()
+    return RowCipher(envelope, envelope.unwrap(data_key_id, wrapped), table, row_id)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStatus:
+    active: str
+    deks: dict[str, int]
+    unknown: list[str]
+    warnings: list[str]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"active": self.active, "deks": self.deks, "unknown_kek_ids": self.unknown,
+                "warnings": self.warnings}
+
+
+async def key_status(session: AsyncSession, envelope: Envelope) -> KeyStatus:
+    """How many data keys each master key wraps; which ids are not in the ring; warnings."""
+    rows = (await session.execute(select(DataKeyRow.kek_id, func.count())
+                                  .group_by(DataKeyRow.kek_id))).all()
+    deks = {kek_id: int(count) for kek_id, count in rows}
+    ring = envelope.ring
+    for kek_id in ring.ids:
+        deks.setdefault(kek_id, 0)
+    unknown = sorted(set(deks) - set(ring.ids))
+    warnings = [f"master key {k} wraps {n} data keys; rotate it (AES-GCM limit {WRAP_LIMIT})"
+                for k, n in deks.items() if n >= WRAP_WARNING]
+    warnings += [f"{n} data keys are wrapped by {k}, which is not in PHIVAULT_MASTER_KEYS: "
+                 "their data cannot be read" for k, n in deks.items() if k in unknown and n]
+    return KeyStatus(ring.active_id, dict(sorted(deks.items())), unknown, warnings)
+
+
+async def count_to_rewrap(session: AsyncSession, envelope: Envelope) -> int:
+    return int((await session.execute(
+        select(func.count()).select_from(DataKeyRow)
+        .where(DataKeyRow.kek_id != envelope.ring.active_id)
+    )).scalar_one())
+
+
+async def rewrap_batch(session: AsyncSession, envelope: Envelope, batch_size: int) -> int:
+    """Re-wrap up to `batch_size` data keys under the active master key, in `session`'s
+    transaction (the caller commits). Returns how many were re-wrapped; 0 means done.
+
+    Keys whose master key is not in the ring are skipped (and reported by `key_status`): they
+    cannot be re-wrapped, and must not stop the others.
+    """
+    ring = envelope.ring
+    rows = (await session.execute(
+        select(DataKeyRow.id, DataKeyRow.wrapped)
+        .where(DataKeyRow.kek_id != ring.active_id, DataKeyRow.kek_id.in_(ring.ids))
+        .order_by(DataKeyRow.id).limit(batch_size)
+        .with_for_update(skip_locked=True)
+    )).all()
+    updates = []
+    for dek_id, wrapped in rows:
+        new = envelope.rewrap(dek_id, wrapped)
+        if new is not None:
+            updates.append({"b_id": dek_id, "b_wrapped": new})
+    if updates:
+        await session.execute(
+            update(DataKeyRow.__table__)  # type: ignore[arg-type]
+            .where(DataKeyRow.__table__.c.id == bindparam("b_id"))
+            .values(wrapped=bindparam("b_wrapped"), kek_id=ring.active_id),
+            updates,
+        )
+    return len(rows)

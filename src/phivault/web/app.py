@@ -1,0 +1,64 @@
+"""The app factory: settings in, a FastAPI app with every router and safeguard out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from phivault import __version__
+from phivault.audit.api import router as audit_router
+from phivault.auth.api import well_known
+from phivault.config import Settings, load_settings
+from phivault.observability import configure_logging
+from phivault.runtime import Runtime
+from phivault.web import docs, errors, health
+from phivault.web.middleware import RequestGuardMiddleware
+
+API_PREFIX = "/api/v1"
+
+DESCRIPTION = """
+phivault keeps medical data safe: encrypted at rest, access-controlled, audited.
+
+Every route under `/api/v1` needs `Authorization: Bearer <access token>` unless it is marked
+public. Errors are `{"error": "<code>", "detail": "<sentence>"}`; a 500 carries only
+`request_id`, which every response also returns as `X-Request-ID`.
+"""
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    """Build the app. With no arguments, settings come from the environment."""
+    settings = settings or (runtime.settings if runtime else load_settings())
+    owns_runtime = runtime is None
+    runtime = runtime or Runtime.from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_runtime:
+            await runtime.close()
+
+    app = FastAPI(
+        title="phivault", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+        docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+    )
+    app.state.runtime = runtime
+    errors.install(app)
+
+    api = APIRouter(prefix=API_PREFIX)
+    api.include_router(audit_router)
+    app.include_router(api)
+    app.include_router(health.router)
+    app.include_router(well_known)
+    app.include_router(docs.router)
+    app.add_middleware(RequestGuardMiddleware,
+                       trusted_proxies=settings.trusted_proxy_networks)
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """The uvicorn factory for `phivault serve --workers N` (each worker builds its own)."""
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -1,0 +1,105 @@
+"""One mapping from every error to its status and JSON body `{"error", "detail"}`.
+
+Domain errors carry their code; framework errors (404, 405, 400, 422) get ours. A 422 names
+each bad field and what is wrong with it, never the submitted value (FastAPI's default echoes
+it, passwords included). A 500 carries only the request id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from phivault import errors
+from phivault.crypto import IntegrityError
+from phivault.request_context import current_request
+
+STATUS_OF: dict[type[errors.PhivaultError], int] = {
+    errors.Unauthenticated: 401,
+    errors.InvalidToken: 401,
+    errors.Forbidden: 403,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.RateLimited: 429,
+}
+
+FRAMEWORK_CODES = {
+    400: ("bad_request", "The request is malformed."),
+    401: ("unauthenticated", "This route needs a bearer access token."),
+    403: ("forbidden", "You may not do this."),
+    404: ("not_found", "No such resource."),
+    405: ("method_not_allowed", "This route does not take that method."),
+    408: ("request_timeout", "The request body arrived too slowly."),
+    413: ("payload_too_large", "The request body is too large."),
+    415: ("unsupported_media_type", "Send the body as application/json."),
+    422: ("validation_error", "The request body or parameters are invalid."),
+    429: ("rate_limited", "Too many requests; try again later."),
+    500: ("internal_error", "An internal error occurred."),
+    503: ("not_ready", "The service is not ready."),
+}
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+    request_id: str | None = None
+    fields: list[dict[str, str]] | None = None
+
+
+def error_json(status: int, code: str, detail: str, *, headers: dict[str, str] | None = None,
+               **extra: Any) -> JSONResponse:
+    body: dict[str, Any] = {"error": code, "detail": detail}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def framework_error(status: int, **extra: Any) -> JSONResponse:
+    code, detail = FRAMEWORK_CODES.get(status, ("error", "The request failed."))
+    return error_json(status, code, detail, **extra)
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for a route's error answers."""
+    return {s: {"model": ErrorBody, "description": FRAMEWORK_CODES[s][1]} for s in statuses}
+
+
+def _field_problems(exc: RequestValidationError) -> list[dict[str, str]]:
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error.get("loc", ()))
+        # `msg` is pydantic's description of the rule ("String should have at most 128
+        # characters"), which never contains the input; `input` and `ctx` are dropped.
+        problems.append({"field": location, "problem": str(error.get("msg", "invalid"))})
+    return problems
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(errors.PhivaultError)
+    async def _domain(_: Request, exc: errors.PhivaultError) -> JSONResponse:
+        status = next((s for cls, s in STATUS_OF.items() if isinstance(exc, cls)), 400)
+        headers = {"Retry-After": str(exc.retry_after)} \
+            if isinstance(exc, errors.RateLimited) else None
+        if status == 401:
+            headers = {"WWW-Authenticate": 'Bearer realm="phivault"'}
+        return error_json(status, exc.code, exc.detail, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        if any(e.get("type") == "json_invalid" for e in exc.errors()):
+            return error_json(400, "malformed_json", "The request body is not valid JSON.")
+        return framework_error(422, fields=_field_problems(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return framework_error(exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity(_: Request, __: IntegrityError) -> JSONResponse:
+        return error_json(500, "integrity_failure",
+                          "Stored data failed its integrity check; the event was audited.",
+                          request_id=current_request().request_id)

@@ -1,0 +1,120 @@
+"""`phivault serve` for real: HTTPS with TLS 1.3 only, security headers, SIGTERM drains."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from phivault.crypto.tls import write_self_signed_certificate
+from tests.helpers import cli_env, phivault_command, run_cli
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def client_context(cert: Path, *, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(cert))
+    if maximum is not None:
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.maximum_version = maximum
+    return context
+
+
+def wait_listening(port: int, process: subprocess.Popen[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited {process.returncode}: "
+                                 f"{process.stderr.read() if process.stderr else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("server did not start listening")
+
+
+@pytest.fixture
+def server(fresh_runtime: Callable[..., Any], tmp_path: Path
+           ) -> Iterator[Callable[..., Any]]:
+    processes: list[subprocess.Popen[str]] = []
+
+    async def start(**extra: str) -> tuple[int, Path, subprocess.Popen[str]]:
+        rt = await fresh_runtime()
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        write_self_signed_certificate(cert, key)
+        port = free_port()
+        env = cli_env(rt, PHIVAULT_TLS_CERT_FILE=str(cert), PHIVAULT_TLS_KEY_FILE=str(key),
+                      **extra)
+        process = subprocess.Popen(
+            phivault_command("serve", "--host", "127.0.0.1", "--port", str(port)),
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        processes.append(process)
+        wait_listening(port, process)
+        return port, cert, process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)  # reaps it and closes its pipes
+
+
+async def test_tls13_served_tls12_refused_sigterm_drains(server: Callable[..., Any]) -> None:
+    port, cert, process = await server()
+    url = f"https://127.0.0.1:{port}/healthz"
+
+    with httpx.Client(verify=client_context(cert)) as client:
+        response = client.get(url)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+    assert response.headers["strict-transport-security"].startswith("max-age=31536000")
+    assert "server" not in response.headers
+
+    with socket.create_connection(("127.0.0.1", port)) as raw, \
+            client_context(cert).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        assert tls.version() == "TLSv1.3"
+
+    with pytest.raises(ssl.SSLError), socket.create_connection(("127.0.0.1", port)) as raw:
+        client_context(cert, maximum=ssl.TLSVersion.TLSv1_2).wrap_socket(
+            raw, server_hostname="127.0.0.1")
+
+    with pytest.raises(httpx.RemoteProtocolError), httpx.Client() as plain:
+        plain.get(f"http://127.0.0.1:{port}/healthz")
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+
+
+async def test_behind_proxy_refuses_public_host(fresh_runtime: Callable[..., Any]) -> None:
+    rt = await fresh_runtime()
+    result = run_cli("serve", "--host", "0.0.0.0", "--port", str(free_port()),  # noqa: S104
+                     env=cli_env(rt, PHIVAULT_BEHIND_PROXY="true"), timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "phivault: PHIVAULT_BEHIND_PROXY=true serves plain HTTP and binds loopback only; "
+        "--host 0.0.0.0 is not a loopback address"]
+
+
+async def test_serve_without_certificate_exits_2(fresh_runtime: Callable[..., Any],
+                                                 tmp_path: Path) -> None:
+    rt = await fresh_runtime()
+    result = run_cli("serve", "--port", str(free_port()), env=cli_env(
+        rt, PHIVAULT_TLS_CERT_FILE=str(tmp_path / "missing.pem"),
+        PHIVAULT_TLS_KEY_FILE=str(tmp_path / "missing-key.pem")), timeout=30)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("phivault: PHIVAULT_TLS_CERT_FILE: ")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import cryptography
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from machine import machine_info  # type: ignore[import-not-found]
 from phivault.crypto import stream
 from phivault.crypto.envelope import Envelope, MasterKeyRing
 from phivault.crypto.keys import KeyKind, generate_key, new_key_id
@@ -34,16 +34,6 @@ FIELD_TARGET = 0.80
 STREAM_TARGET = 0.70
 TABLE, COLUMN = "medical_records", "diagnosis"
 RESULT = Path(__file__).parent / "results" / "crypto.json"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed(run: Callable[[], object]) -> float:
@@ -193,13 +183,7 @@ def main() -> None:
     memory = {f"{size // 2**20} MiB": peak_stream_memory(size) for size in (2**22, 2**26)}
 
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_model": cpu_model(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "cryptography": cryptography.__version__,
-        },
+        "machine": machine_info(cryptography=cryptography.__version__),
         "command": "PYTHONPATH=src python bench/crypto_bench.py",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "method": (

@@ -54,6 +54,7 @@ def server(fresh_runtime: Callable[..., Any], tmp_path: Path
 
     async def start(**extra: str) -> tuple[int, Path, subprocess.Popen[str]]:
         rt = await fresh_runtime()
+        start.runtimes.append(rt)  # type: ignore[attr-defined]
         cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
         write_self_signed_certificate(cert, key)
         port = free_port()
@@ -66,6 +67,7 @@ def server(fresh_runtime: Callable[..., Any], tmp_path: Path
         wait_listening(port, process)
         return port, cert, process
 
+    start.runtimes = []  # type: ignore[attr-defined]
     yield start
     for process in processes:
         if process.poll() is None:
@@ -118,3 +120,22 @@ async def test_serve_without_certificate_exits_2(fresh_runtime: Callable[..., An
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
     assert line.startswith("phivault: PHIVAULT_TLS_CERT_FILE: ")
+
+
+async def test_behind_proxy_serves_http_on_loopback_and_believes_the_proxy(
+        server: Callable[..., Any]) -> None:
+    from sqlalchemy import select
+
+    from phivault.audit.models import AuditEvent
+    from tests.conftest import bearer
+
+    port, _, process = await server(PHIVAULT_BEHIND_PROXY="true")
+    rt = server.runtimes[-1]  # type: ignore[attr-defined]
+    with httpx.Client() as client:
+        response = client.get(f"http://127.0.0.1:{port}/api/v1/audit/verify", headers={
+            **bearer(rt, "auditor"), "X-Forwarded-For": "6.6.6.6, 198.51.100.23"})
+    assert response.status_code == 200, response.text
+    async with rt.sessions() as session:
+        event = (await session.execute(select(AuditEvent).where(
+            AuditEvent.request_id == response.headers["x-request-id"]))).scalar_one()
+    assert event.ip == "198.51.100.23"

@@ -60,9 +60,16 @@ def keys_env() -> dict[str, str]:
     return generate_keys()
 
 
+# Tests that are not about hashing or rate limits use cheap argon2 parameters and a per-IP
+# limit no suite reaches (every test client comes from the same address).
+TEST_DEFAULTS: dict[str, Any] = {"argon2_memory_kib": 8, "argon2_time_cost": 1,
+                                 "auth_rate_limit": "1000000/minute"}
+
+
 def build_settings(keys: dict[str, str], database_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {name.removeprefix("PHIVAULT_").lower(): value
                               for name, value in keys.items()}
+    values.update(TEST_DEFAULTS)
     values["database_url"] = database_url
     values.update(overrides)
     return load_settings(**values)
@@ -233,11 +240,6 @@ async def client(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 50000))
     async with httpx.AsyncClient(transport=transport, base_url="https://testserver") as c:
         yield c
-
-
-def bearer(rt: Runtime, role: str, user_id: uuid.UUID | None = None) -> dict[str, str]:
-    token = rt.access_tokens.issue(user_id or uuid.uuid4(), role, uuid.uuid4())
-    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture

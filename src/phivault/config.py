@@ -40,10 +40,13 @@ FIELD_ORDER = (
     "env", "database_url", "master_keys", "index_key", "audit_key", "jwt_keys", "tls_cert_file",
     "tls_key_file", "behind_proxy", "trusted_proxies", "redis_url", "access_token_ttl",
     "refresh_token_ttl", "auth_rate_limit", "lockout", "mfa_required_roles", "metrics_token",
-    "log_level",
+    "redis_prefix", "argon2_memory_kib", "argon2_time_cost", "argon2_parallelism", "log_level",
 )
 
 ROLES = ("patient", "doctor", "admin", "auditor")
+# OWASP's minimum for argon2id (m = 19 MiB, t = 2, p = 1); prod refuses anything weaker.
+OWASP_ARGON2_MEMORY_KIB = 19456
+OWASP_ARGON2_TIME_COST = 2
 DEV_TLS_CERT = Path("var/tls/cert.pem")
 DEV_TLS_KEY = Path("var/tls/key.pem")
 
@@ -114,6 +117,10 @@ class Settings(BaseSettings):
     lockout: str = "5/15minutes"
     mfa_required_roles: str | None = None
     metrics_token: SecretStr | None = None
+    redis_prefix: str = Field("phivault", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    argon2_memory_kib: int = Field(65536, ge=8, le=4 * 1024 * 1024)
+    argon2_time_cost: int = Field(2, ge=1, le=20)
+    argon2_parallelism: int = Field(1, ge=1, le=16)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod
@@ -181,10 +188,24 @@ class Settings(BaseSettings):
                 raise ValueError(f"unknown role(s): {', '.join(sorted(unknown))}")
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+                ("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
     @model_validator(mode="after")
     def _refuse_dev_material_in_prod(self) -> Settings:
         if self.env != "prod":
             return self
+        if self.argon2_memory_kib < OWASP_ARGON2_MEMORY_KIB:
+            raise ConfigError(env_name("argon2_memory_kib"),
+                              f"must be at least {OWASP_ARGON2_MEMORY_KIB} in prod (OWASP)")
+        if self.argon2_time_cost < OWASP_ARGON2_TIME_COST:
+            raise ConfigError(env_name("argon2_time_cost"),
+                              f"must be at least {OWASP_ARGON2_TIME_COST} in prod (OWASP)")
         if any(is_dev_key(raw) or kid.startswith("dev-") for kid, raw in self.master_key_pairs):
             raise ConfigError(env_name("master_keys"), _DEV_KEY)
         for field in ("index_key", "audit_key"):

@@ -7,13 +7,20 @@ from __future__ import annotations
 
 
 class PhivaultError(Exception):
-    """Base of every error a service raises on purpose."""
+    """Base of every error a service raises on purpose.
+
+    `keeps_work`: the unit of work commits what the request did before the error answers (a
+    refresh-token reuse revokes the family, then answers 401). `extra`: more fields for the JSON
+    body (never PHI).
+    """
 
     code = "error"
     detail = "The request could not be completed."
+    keeps_work = False
 
-    def __init__(self, detail: str | None = None) -> None:
+    def __init__(self, detail: str | None = None, **extra: object) -> None:
         self.detail = detail or type(self).detail
+        self.extra = extra
         super().__init__(self.detail)
 
 
@@ -49,3 +56,43 @@ class RateLimited(PhivaultError):
     def __init__(self, retry_after: int, detail: str | None = None) -> None:
         super().__init__(detail)
         self.retry_after = max(1, retry_after)
+
+
+class InvalidCredentials(PhivaultError):
+    code = "invalid_credentials"
+    detail = "The email, password or code is wrong."
+
+
+class MfaRequired(PhivaultError):
+    code = "mfa_required"
+    detail = "This account uses two-factor authentication: send totp_code."
+
+
+class MfaEnrollmentRequired(PhivaultError):
+    """The password was right; the enrolment session it opened must be kept."""
+
+    keeps_work = True
+    code = "mfa_enrollment_required"
+    detail = ("Your role must use two-factor authentication. Use enrollment_token with "
+              "POST /auth/mfa/setup and /auth/mfa/enable, then log in with totp_code.")
+
+
+class RefreshTokenReused(InvalidToken):
+    """A used refresh token came back: its whole family is revoked (and that must commit)."""
+
+    keeps_work = True
+
+
+class EmailTaken(Conflict):
+    code = "email_taken"
+    detail = "An account with this email already exists."
+
+
+class WeakPassword(PhivaultError):
+    code = "weak_password"
+    detail = "The password is not acceptable."
+
+
+class InvalidRequest(PhivaultError):
+    code = "invalid_request"
+    detail = "The request is not acceptable."

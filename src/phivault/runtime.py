@@ -15,12 +15,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from phivault.audit import service as audit_service
 from phivault.audit.actions import Action, Outcome
+from phivault.auth.accounts import Accounts
+from phivault.auth.passwords import Argon2Parameters, Passwords
+from phivault.auth.ratelimits import AuthLimits
+from phivault.auth.service import Authenticator
 from phivault.auth.tokens import AccessTokens
 from phivault.config import Settings
 from phivault.crypto import IntegrityError
 from phivault.crypto.blind_index import BlindIndex
 from phivault.crypto.envelope import Envelope
 from phivault.db.engine import create_engine, create_sessionmaker
+from phivault.errors import PhivaultError
 
 __all__ = ["Runtime"]
 
@@ -33,16 +38,33 @@ class Runtime:
     envelope: Envelope
     blind_index: BlindIndex
     access_tokens: AccessTokens
+    passwords: Passwords
+    limits: AuthLimits
+    authenticator: Authenticator
+    accounts: Accounts
     audit_key: bytes = field(repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, pool_size: int = 10) -> Runtime:
         engine = create_engine(settings.database_url_value, pool_size=pool_size)
+        envelope = Envelope(settings.master_key_ring)
+        blind_index = BlindIndex(settings.index_key_bytes)
+        tokens = AccessTokens(settings.signing_keys, settings.access_token_ttl)
+        passwords = Passwords(Argon2Parameters(settings.argon2_memory_kib,
+                                               settings.argon2_time_cost,
+                                               settings.argon2_parallelism))
+        redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+        limits = AuthLimits(settings.auth_rate_limit_item, settings.lockout_item, redis_url,
+                            settings.redis_prefix)
         return cls(
             settings=settings, engine=engine, sessions=create_sessionmaker(engine),
-            envelope=Envelope(settings.master_key_ring),
-            blind_index=BlindIndex(settings.index_key_bytes),
-            access_tokens=AccessTokens(settings.signing_keys, settings.access_token_ttl),
+            envelope=envelope, blind_index=blind_index, access_tokens=tokens,
+            passwords=passwords, limits=limits,
+            authenticator=Authenticator(
+                envelope=envelope, blind_index=blind_index, passwords=passwords, limits=limits,
+                tokens=tokens, refresh_ttl=settings.refresh_token_ttl,
+                mfa_roles=settings.mfa_roles),
+            accounts=Accounts(envelope, blind_index, passwords),
             audit_key=settings.audit_key_bytes,
         )
 
@@ -55,27 +77,48 @@ class Runtime:
 
         On an exception the work rolls back; the durable events it queued (denials, failures)
         are still appended in a transaction of their own, and a ciphertext that failed
-        authentication adds an `INTEGRITY_FAILURE` event, before the exception goes on.
+        authentication adds an `INTEGRITY_FAILURE` event, before the exception goes on. A
+        domain error marked `keeps_work` is the outcome of work that must stand (a reused
+        refresh token revokes its family): that work commits, then the error goes on.
         """
         session = self.sessions()
         try:
             try:
                 yield session
-                await audit_service.append(session, self.audit_key,
-                                           audit_service.take_pending(session))
-                await session.commit()
+            except PhivaultError as exc:
+                if not exc.keeps_work:
+                    await self._roll_back(session, exc)
+                    raise
+                await self._commit(session)
+                raise
             except BaseException as exc:
-                await session.rollback()
-                durable = audit_service.take_pending(session, durable_only=True)
-                if isinstance(exc, IntegrityError):
-                    audit_service.record(session, Action.INTEGRITY_FAILURE,
-                                         outcome=Outcome.ERROR)
-                    durable += audit_service.take_pending(session)
-                if durable and isinstance(exc, Exception):
-                    await self._append_alone(durable)
+                await self._roll_back(session, exc)
+                raise
+            try:
+                await self._commit(session)
+            except BaseException as exc:
+                await self._roll_back(session, exc)
                 raise
         finally:
             await session.close()
+
+    async def _commit(self, session: AsyncSession) -> None:
+        events = audit_service.take_pending(session)
+        try:
+            await audit_service.append(session, self.audit_key, events)
+            await session.commit()
+        except BaseException:
+            audit_service.requeue(session, events)  # so that the durable ones survive
+            raise
+
+    async def _roll_back(self, session: AsyncSession, exc: BaseException) -> None:
+        await session.rollback()
+        durable = audit_service.take_pending(session, durable_only=True)
+        if isinstance(exc, IntegrityError):
+            audit_service.record(session, Action.INTEGRITY_FAILURE, outcome=Outcome.ERROR)
+            durable += audit_service.take_pending(session)
+        if durable and isinstance(exc, Exception):
+            await self._append_alone(durable)
 
     async def _append_alone(self, events: list[audit_service.PendingEvent]) -> None:
         async with self.sessions() as session:

@@ -127,13 +127,13 @@ async def test_behind_proxy_serves_http_on_loopback_and_believes_the_proxy(
     from sqlalchemy import select
 
     from phivault.audit.models import AuditEvent
-    from tests.conftest import bearer
+    from tests.factories import bearer
 
     port, _, process = await server(PHIVAULT_BEHIND_PROXY="true")
     rt = server.runtimes[-1]  # type: ignore[attr-defined]
     with httpx.Client() as client:
         response = client.get(f"http://127.0.0.1:{port}/api/v1/audit/verify", headers={
-            **bearer(rt, "auditor"), "X-Forwarded-For": "6.6.6.6, 198.51.100.23"})
+            **(await bearer(rt, "auditor")), "X-Forwarded-For": "6.6.6.6, 198.51.100.23"})
     assert response.status_code == 200, response.text
     async with rt.sessions() as session:
         event = (await session.execute(select(AuditEvent).where(

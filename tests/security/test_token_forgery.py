@@ -17,19 +17,30 @@ from sqlalchemy import select
 
 from phivault.audit.models import AuditEvent
 from phivault.runtime import Runtime
-from tests.conftest import bearer
+from tests.factories import signed_in
 
 URL = "/api/v1/audit/verify"
+
+
+# The genuine claims of a signed-in auditor, so that each forgery below is refused for what it
+# changes and not because its user or session does not exist.
+GENUINE: dict[str, object] = {}
 
 
 def _claims(**overrides: object) -> dict[str, object]:
     now = int(time.time())
     claims: dict[str, object] = {
-        "iss": "phivault", "aud": "phivault-api", "sub": str(uuid.uuid4()), "role": "auditor",
-        "sid": str(uuid.uuid4()), "iat": now, "exp": now + 600, "jti": "j" * 22,
+        "iss": "phivault", "aud": "phivault-api", "sub": GENUINE["sub"], "role": "auditor",
+        "sid": GENUINE["sid"], "iat": now, "exp": now + 600, "jti": "j" * 22,
     }
     claims.update(overrides)
     return {k: v for k, v in claims.items() if v is not None}
+
+
+@pytest.fixture(autouse=True)
+async def genuine_auditor(runtime: Runtime) -> None:
+    auditor = await signed_in(runtime, "auditor")
+    GENUINE.update(jwt.decode(auditor.access_token, options={"verify_signature": False}))
 
 
 def _sign(runtime: Runtime, claims: dict[str, object], **header: str) -> str:
@@ -98,6 +109,9 @@ FORGERIES: dict[str, Callable[[Runtime], str]] = {
     "sub not a uuid": lambda rt: _sign(rt, _claims(sub="admin")),
     "wrong typ": lambda rt: _sign(rt, _claims(), typ="JWT"),
     "unknown kid": lambda rt: _sign(rt, _claims(), kid="nope"),
+    "unknown session": lambda rt: _sign(rt, _claims(sid=str(uuid.uuid4()))),
+    "another user's session": lambda rt: _sign(rt, _claims(sub=str(uuid.uuid4()))),
+    "role not the user's": lambda rt: _sign(rt, _claims(role="admin")),
     "garbage": lambda rt: "not-a-token",
     "empty segments": lambda rt: "..",
     "huge": lambda rt: "a" * 10_000,
@@ -130,25 +144,25 @@ async def test_missing_or_non_bearer_credentials(client: httpx.AsyncClient) -> N
 @pytest.mark.parametrize("role", ["patient", "doctor", "admin"])
 async def test_wrong_role_is_403_and_audited(client: httpx.AsyncClient, runtime: Runtime,
                                              role: str) -> None:
-    user = uuid.uuid4()
-    response = await client.get(URL, headers=bearer(runtime, role, user))
+    user = await signed_in(runtime, role)
+    response = await client.get(URL, headers=user.headers)
     assert response.status_code == 403
     assert response.json()["error"] == "forbidden"
     async with runtime.sessions() as session:
         event = (await session.execute(select(AuditEvent).where(
             AuditEvent.request_id == response.headers["x-request-id"]))).scalar_one()
     assert (event.action, event.outcome, event.actor_id, event.actor_role) == (
-        "ACCESS_DENIED", "denied", user, role)
+        "ACCESS_DENIED", "denied", user.id, role)
 
 
 async def test_auditor_verify_is_audited(client: httpx.AsyncClient, runtime: Runtime) -> None:
-    user = uuid.uuid4()
-    response = await client.get(URL, headers=bearer(runtime, "auditor", user))
+    user = await signed_in(runtime, "auditor")
+    response = await client.get(URL, headers=user.headers)
     assert response.status_code == 200
     body = response.json()
     assert body["ok"] is True and body["first_bad_seq"] is None and body["events"] >= 0
     async with runtime.sessions() as session:
         event = (await session.execute(select(AuditEvent).where(
             AuditEvent.request_id == response.headers["x-request-id"]))).scalar_one()
-    assert (event.action, event.actor_id, event.ip) == ("VERIFY_AUDIT_CHAIN", user,
+    assert (event.action, event.actor_id, event.ip) == ("VERIFY_AUDIT_CHAIN", user.id,
                                                         "203.0.113.7")

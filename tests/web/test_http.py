@@ -14,7 +14,7 @@ from phivault.access.guards import Public
 from phivault.runtime import Runtime
 from phivault.web.app import create_app
 from phivault.web.middleware import MAX_BODY
-from tests.conftest import bearer
+from tests.factories import bearer
 
 SECURITY_HEADERS = {
     "strict-transport-security": "max-age=31536000; includeSubDomains",
@@ -197,7 +197,7 @@ async def test_forwarded_for_is_ignored_from_untrusted_peers(client: httpx.Async
     from phivault.audit.models import AuditEvent
 
     response = await client.get("/api/v1/audit/verify",
-                                headers={**bearer(runtime, "auditor"),
+                                headers={**(await bearer(runtime, "auditor")),
                                          "X-Forwarded-For": "198.51.100.99"})
     assert response.status_code == 200
     async with runtime.sessions() as session:

@@ -17,7 +17,7 @@ from phivault.keys import service
 from phivault.runtime import Runtime
 from phivault.web.app import create_app
 from phivault.web.dependencies import RuntimeDep, SessionDep
-from tests.conftest import bearer
+from tests.factories import signed_in
 
 
 async def test_tampered_ciphertext_is_500_integrity_failure_and_audited(
@@ -32,11 +32,10 @@ async def test_tampered_ciphertext_is_500_integrity_failure_and_audited(
         audit.record(session, Action.VIEW_MEDICAL_RECORD)  # rolled back with the read
         return {"diagnosis": cipher.open("diagnosis", bytes(sealed))}
 
-    doctor = uuid.uuid4()
+    doctor = await signed_in(runtime, "doctor")
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="https://t") as client:
-        response = await client.get("/test/read-tampered", headers=bearer(runtime, "doctor",
-                                                                          doctor))
+        response = await client.get("/test/read-tampered", headers=doctor.headers)
     assert response.status_code == 500
     body = response.json()
     assert body["error"] == "integrity_failure"
@@ -47,4 +46,4 @@ async def test_tampered_ciphertext_is_500_integrity_failure_and_audited(
         events = (await session.execute(select(AuditEvent).where(
             AuditEvent.request_id == body["request_id"]))).scalars().all()
     assert [(e.action, e.outcome, e.actor_id) for e in events] == [
-        ("INTEGRITY_FAILURE", "error", doctor)]
+        ("INTEGRITY_FAILURE", "error", doctor.id)]

@@ -24,21 +24,40 @@ from phivault.web.dependencies import RuntimeDep, SessionDep
 _bearer = HTTPBearer(auto_error=False, description="An access token from POST /auth/login.")
 
 
-async def authenticate(
-    runtime: RuntimeDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> AccessClaims:
-    """The caller's verified access-token claims, or 401."""
+async def _verified(runtime: RuntimeDep, session: SessionDep,
+                    credentials: HTTPAuthorizationCredentials | None,
+                    allow_enrollment: bool) -> AccessClaims:
     if credentials is None:
         raise Unauthenticated()
     if credentials.scheme.lower() != "bearer" or len(credentials.credentials) > 4096:
         raise InvalidToken()
     claims = runtime.access_tokens.verify(credentials.credentials)
+    # Checked on every request, not at expiry: a revoked session, a disabled or erased user,
+    # or a changed role refuses the token at once, on every worker (the database is shared).
+    await runtime.authenticator.check_session(session, claims,
+                                              allow_enrollment=allow_enrollment)
     set_actor(Actor(claims.user_id, claims.role))
     return claims
 
 
+async def authenticate(
+    runtime: RuntimeDep, session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> AccessClaims:
+    """The caller's verified access-token claims, or 401."""
+    return await _verified(runtime, session, credentials, allow_enrollment=False)
+
+
+async def authenticate_enrolling(
+    runtime: RuntimeDep, session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> AccessClaims:
+    """As `authenticate`, also accepting the enrolment token of a user who must set up TOTP."""
+    return await _verified(runtime, session, credentials, allow_enrollment=True)
+
+
 Principal = Annotated[AccessClaims, Depends(authenticate)]
+EnrollingPrincipal = Annotated[AccessClaims, Depends(authenticate_enrolling)]
 
 
 class AccessRule:
@@ -96,6 +115,17 @@ def app_routes(app: FastAPI) -> list[RouteEntry]:
                        getattr(c, "dependant", None)) for c in contexts]
 
 
+class AllowEnrolling(Allow):
+    """`Allow`, for the TOTP set-up routes: an enrolment token is enough."""
+
+    async def __call__(self, claims: EnrollingPrincipal,
+                       session: SessionDep) -> AccessClaims:
+        return await Allow.__call__(self, claims, session)
+
+
+ANY_ROLE = (Role.PATIENT, Role.DOCTOR, Role.ADMIN, Role.AUDITOR)
+
+
 def declared_rules(dependant: object) -> list[AccessRule]:
     """The access rules a route's dependency tree declares (for the enumeration test)."""
     found: list[AccessRule] = []
@@ -109,5 +139,5 @@ def declared_rules(dependant: object) -> list[AccessRule]:
     return found
 
 
-__all__ = ["Allow", "AccessRule", "Principal", "Public", "RouteEntry", "app_routes",
-           "authenticate", "declared_rules"]
+__all__ = ["ANY_ROLE", "AccessRule", "Allow", "AllowEnrolling", "Principal", "Public",
+           "RouteEntry", "app_routes", "authenticate", "declared_rules"]

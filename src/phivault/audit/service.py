@@ -112,6 +112,11 @@ def take_pending(session: AsyncSession, *, durable_only: bool = False) -> list[P
     return [e for e in pending if e.durable] if durable_only else pending
 
 
+def requeue(session: AsyncSession, events: list[PendingEvent]) -> None:
+    """Put events taken by `take_pending` back in front of any queued since."""
+    session.info[PENDING_KEY] = events + session.info.get(PENDING_KEY, [])
+
+
 async def append(session: AsyncSession, key: bytes, events: list[PendingEvent]) -> None:
     """Append `events` to the chain inside `session`'s transaction (the caller commits).
 

@@ -35,6 +35,7 @@ class AccessClaims:
     jti: str
     issued_at: datetime
     expires_at: datetime
+    scope: str | None = None
 
 
 class AccessTokens:
@@ -53,13 +54,20 @@ class AccessTokens:
     def jwks(self) -> dict[str, Any]:
         return self._jwks
 
-    def issue(self, user_id: uuid.UUID, role: str, session_id: uuid.UUID) -> str:
+    def issue(self, user_id: uuid.UUID, role: str, session_id: uuid.UUID, *,
+              scope: str | None = None, not_after: datetime | None = None) -> str:
+        """A signed access token; it expires after the TTL, or at `not_after` if sooner (the
+        end of its session)."""
         now = int(self._clock().timestamp())
-        claims = {
+        exp = now + self.ttl_seconds
+        if not_after is not None:
+            exp = min(exp, int(not_after.timestamp()))
+        claims: dict[str, Any] = {
             "iss": ISSUER, "aud": AUDIENCE, "sub": str(user_id), "role": role,
-            "sid": str(session_id), "iat": now, "exp": now + self.ttl_seconds,
-            "jti": secrets.token_urlsafe(16),
+            "sid": str(session_id), "iat": now, "exp": exp, "jti": secrets.token_urlsafe(16),
         }
+        if scope is not None:
+            claims["scope"] = scope
         return jwt.encode(claims, self._signer.private_key, algorithm=ALGORITHM,
                           headers={"kid": self._signer.kid, "typ": TOKEN_TYPE})
 
@@ -80,13 +88,15 @@ class AccessTokens:
             if not isinstance(claims["exp"], int) or claims["exp"] + LEEWAY_SECONDS <= now:
                 raise InvalidToken()
             role = claims.get("role")
-            if role not in ROLES or not isinstance(claims["jti"], str):
+            scope = claims.get("scope")
+            if role not in ROLES or not isinstance(claims["jti"], str) or not (
+                    scope is None or isinstance(scope, str)):
                 raise InvalidToken()
             return AccessClaims(
                 user_id=uuid.UUID(claims["sub"]), role=role,
                 session_id=uuid.UUID(claims["sid"]), jti=claims["jti"],
                 issued_at=datetime.fromtimestamp(claims["iat"], UTC),
-                expires_at=datetime.fromtimestamp(claims["exp"], UTC),
+                expires_at=datetime.fromtimestamp(claims["exp"], UTC), scope=scope,
             )
         except InvalidToken:
             raise

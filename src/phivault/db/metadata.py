@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from phivault.audit import models as audit_models
+from phivault.auth import models as auth_models
+from phivault.clinical import models as clinical_models
 from phivault.db.base import Base
 from phivault.keys import models as key_models
+from phivault.privacy import models as privacy_models
 
 target_metadata = Base.metadata
 
-__all__ = ["audit_models", "key_models", "target_metadata"]
+__all__ = ["audit_models", "auth_models", "clinical_models", "key_models", "privacy_models",
+           "target_metadata"]

@@ -17,6 +17,10 @@ class DataKeyRow(Base):
     `kek_id` repeats the id inside `wrapped`'s authenticated header so that `keys status` can
     count and `keys rewrap` can find keys by an index instead of parsing every row; the header
     stays the authority (a mismatch fails to unwrap).
+
+    Rows of PHI name their key in a `data_key_id` column with no foreign key, on purpose:
+    deleting a data key destroys every value it sealed (crypto-shredding), and a row whose key
+    is gone reads as an integrity failure rather than blocking the deletion.
     """
 
     __tablename__ = "data_keys"

@@ -9,7 +9,8 @@ from fastapi import APIRouter, FastAPI
 
 from phivault import __version__
 from phivault.audit.api import router as audit_router
-from phivault.auth.api import well_known
+from phivault.auth import admin_api
+from phivault.auth.api import auth, me, well_known
 from phivault.config import Settings, load_settings
 from phivault.observability import configure_logging
 from phivault.runtime import Runtime
@@ -47,7 +48,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     errors.install(app)
 
     api = APIRouter(prefix=API_PREFIX)
-    api.include_router(audit_router)
+    for router in (auth, me, admin_api.users, admin_api.doctors, audit_router):
+        api.include_router(router)
     app.include_router(api)
     app.include_router(health.router)
     app.include_router(well_known)

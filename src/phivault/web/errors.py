@@ -19,12 +19,18 @@ from phivault import errors
 from phivault.crypto import IntegrityError
 from phivault.request_context import current_request
 
+# Most specific first: the first class an error is an instance of gives its status.
 STATUS_OF: dict[type[errors.PhivaultError], int] = {
     errors.Unauthenticated: 401,
     errors.InvalidToken: 401,
+    errors.InvalidCredentials: 401,
+    errors.MfaRequired: 401,
+    errors.MfaEnrollmentRequired: 403,
     errors.Forbidden: 403,
     errors.NotFound: 404,
     errors.Conflict: 409,
+    errors.WeakPassword: 422,
+    errors.InvalidRequest: 422,
     errors.RateLimited: 429,
 }
 
@@ -34,6 +40,7 @@ FRAMEWORK_CODES = {
     403: ("forbidden", "You may not do this."),
     404: ("not_found", "No such resource."),
     405: ("method_not_allowed", "This route does not take that method."),
+    409: ("conflict", "The request conflicts with the current state."),
     408: ("request_timeout", "The request body arrived too slowly."),
     413: ("payload_too_large", "The request body is too large."),
     415: ("unsupported_media_type", "Send the body as application/json."),
@@ -84,9 +91,9 @@ def install(app: FastAPI) -> None:
         status = next((s for cls, s in STATUS_OF.items() if isinstance(exc, cls)), 400)
         headers = {"Retry-After": str(exc.retry_after)} \
             if isinstance(exc, errors.RateLimited) else None
-        if status == 401:
+        if isinstance(exc, errors.InvalidToken | errors.Unauthenticated):
             headers = {"WWW-Authenticate": 'Bearer realm="phivault"'}
-        return error_json(status, exc.code, exc.detail, headers=headers)
+        return error_json(status, exc.code, exc.detail, headers=headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

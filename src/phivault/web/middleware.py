@@ -183,6 +183,10 @@ def _add_headers(message: Message, request_id: str, path: str) -> None:
     if "content-security-policy" not in headers or not path.startswith(OWN_CSP_PREFIXES):
         headers["content-security-policy"] = API_CSP
     headers["x-request-id"] = request_id
+    if path.startswith("/api/"):
+        # API answers hold PHI, tokens or account data: no cache may keep them.
+        headers["cache-control"] = "no-store"
+        headers["pragma"] = "no-cache"
 
 
 async def _send_json(send: Send, status: int, request_id: str, path: str) -> None:

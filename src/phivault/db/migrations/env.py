@@ -5,9 +5,17 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
+from phivault.db.base import UTCDateTime
 from phivault.db.metadata import target_metadata
 
 config = context.config
+
+
+def _render_item(type_: str, obj: object, autogen_context: object) -> str | bool:
+    """Render our column types by their plain names (the migration template imports them)."""
+    if type_ == "type" and isinstance(obj, UTCDateTime):
+        return "UTCDateTime()"
+    return False
 
 
 def run_on(connection: Connection) -> None:
@@ -16,6 +24,7 @@ def run_on(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        render_item=_render_item,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -1,0 +1,322 @@
+"""Accounts: patient registration, staff onboarding with one-time setup tokens, legacy import,
+and the administration of users (list, re-role, disable, end sessions), the doctor directory
+and the caller's own account.
+
+Every email is sealed under its row's data key and found by its blind index; an admin sees
+emails (they administer accounts) but never a profile, record or other PHI.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from phivault.access.permissions import Role
+from phivault.audit import service as audit
+from phivault.audit.actions import Action
+from phivault.auth.models import AuthSession, StaffProfile, User
+from phivault.auth.passwords import Passwords, is_bcrypt_hash, password_problem
+from phivault.auth.schemas import (
+    ConsentChoices,
+    CreateStaff,
+    DoctorView,
+    Me,
+    RegisterRequest,
+    UserView,
+)
+from phivault.auth.service import (
+    email_lookup,
+    new_opaque_token,
+    revoke_sessions,
+    token_digest,
+    user_cipher,
+)
+from phivault.clinical.models import PatientProfile
+from phivault.crypto.blind_index import BlindIndex
+from phivault.crypto.envelope import Envelope
+from phivault.db.base import utcnow
+from phivault.errors import Conflict, EmailTaken, InvalidToken, NotFound, WeakPassword
+from phivault.keys.service import new_row_cipher, row_cipher
+from phivault.privacy.models import Consent
+from phivault.request_context import Actor
+
+SETUP_TOKEN_HOURS = 72
+STAFF_ROLES = frozenset({Role.DOCTOR, Role.ADMIN, Role.AUDITOR})
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedAccount:
+    user: User
+    email: str
+    setup_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImportReport:
+    imported: int
+    skipped: int
+    problems: list[str]
+
+
+class Accounts:
+    def __init__(self, envelope: Envelope, blind_index: BlindIndex, passwords: Passwords) -> None:
+        self.envelope = envelope
+        self.blind_index = blind_index
+        self.passwords = passwords
+
+    async def _email_free(self, session: AsyncSession, lookup: bytes) -> None:
+        taken = (await session.execute(select(User.id).where(User.email_index == lookup))
+                 ).scalar_one_or_none()
+        if taken is not None:
+            raise EmailTaken()
+
+    def _new_user(self, session: AsyncSession, email: str, role: str,
+                  password_hash: str | None) -> User:
+        user_id = uuid.uuid4()
+        cipher = new_row_cipher(session, self.envelope, "users", user_id)
+        user = User(id=user_id, data_key_id=cipher.data_key_id, email=cipher.seal("email", email),
+                    email_index=email_lookup(self.blind_index, email), password_hash=password_hash,
+                    role=role, status="active", totp_enabled=False, created_at=utcnow())
+        session.add(user)
+        return user
+
+    def _new_patient_profile(self, session: AsyncSession, user: User, full_name: str,
+                             birth_date: date | None = None, sex: str | None = None,
+                             phone: str | None = None, address: str | None = None) -> None:
+        cipher = new_row_cipher(session, self.envelope, "patient_profiles", user.id)
+        session.add(PatientProfile(
+            user_id=user.id, data_key_id=cipher.data_key_id,
+            full_name=cipher.seal("full_name", full_name),
+            birth_date=cipher.seal_optional("birth_date",
+                                            birth_date.isoformat() if birth_date else None),
+            sex=cipher.seal_optional("sex", sex), phone=cipher.seal_optional("phone", phone),
+            address=cipher.seal_optional("address", address)))
+
+    async def register(self, session: AsyncSession, request: RegisterRequest) -> CreatedAccount:
+        """A new patient, their sealed profile and their first consents (all false unless the
+        body sets them)."""
+        problem = password_problem(request.password, request.email)
+        if problem:
+            raise WeakPassword(f"The password {problem}.")
+        await self._email_free(session, email_lookup(self.blind_index, request.email))
+        user = self._new_user(session, request.email, Role.PATIENT,
+                              await self.passwords.hash(request.password))
+        await session.flush()
+        self._new_patient_profile(session, user, request.full_name, request.birth_date,
+                                  request.sex, request.phone, request.address)
+        choices = request.consents or ConsentChoices()
+        session.add(Consent(id=uuid.uuid4(), patient_id=user.id, marketing=choices.marketing,
+                            data_sharing=choices.data_sharing, analytics=choices.analytics,
+                            consent_date=utcnow()))
+        actor = Actor(user.id, Role.PATIENT)
+        audit.record(session, Action.CREATE_USER, actor=actor, resource_type="user",
+                     resource_id=user.id, patient_id=user.id, metadata={"role": "patient"})
+        audit.record(session, Action.CONSENT_CHANGED, actor=actor, resource_type="consent",
+                     patient_id=user.id, metadata={
+                         "marketing": choices.marketing, "data_sharing": choices.data_sharing,
+                         "analytics": choices.analytics})
+        return CreatedAccount(user, request.email)
+
+    async def create_staff(self, session: AsyncSession, request: CreateStaff) -> CreatedAccount:
+        """A staff account with no password: the answer's one-time setup token (valid 72 h,
+        stored hashed) lets the new user choose theirs, so the admin never knows it."""
+        if request.specialty is not None and request.role != "doctor":
+            raise Conflict("Only doctors have a specialty.")
+        await self._email_free(session, email_lookup(self.blind_index, request.email))
+        user = self._new_user(session, request.email, request.role, None)
+        token = new_opaque_token()
+        user.setup_token_hash = token_digest(token)
+        user.setup_expires_at = utcnow() + timedelta(hours=SETUP_TOKEN_HOURS)
+        await session.flush()
+        session.add(StaffProfile(user_id=user.id, full_name=request.full_name,
+                                 specialty=request.specialty))
+        audit.record(session, Action.CREATE_USER, resource_type="user", resource_id=user.id,
+                     metadata={"role": request.role})
+        return CreatedAccount(user, request.email, token)
+
+    async def create_with_password(self, session: AsyncSession, email: str, role: str,
+                                   full_name: str, specialty: str | None,
+                                   password: str) -> User:
+        """For `phivault users create` (the first admin): the operator types the password."""
+        problem = password_problem(password, email)
+        if problem:
+            raise WeakPassword(f"The password {problem}.")
+        await self._email_free(session, email_lookup(self.blind_index, email))
+        user = self._new_user(session, email, role, await self.passwords.hash(password))
+        await session.flush()
+        if role == Role.PATIENT:
+            self._new_patient_profile(session, user, full_name)
+            session.add(Consent(id=uuid.uuid4(), patient_id=user.id, marketing=False,
+                                data_sharing=False, analytics=False, consent_date=utcnow()))
+        else:
+            session.add(StaffProfile(user_id=user.id, full_name=full_name, specialty=specialty))
+        audit.record(session, Action.CREATE_USER, resource_type="user", resource_id=user.id,
+                     metadata={"role": role, "via": "cli"})
+        return user
+
+    async def redeem_setup(self, session: AsyncSession, token: str, password: str) -> None:
+        now = utcnow()
+        user = (await session.execute(select(User).where(
+            User.setup_token_hash == token_digest(token)))).scalar_one_or_none()
+        if (user is None or user.setup_expires_at is None or now >= user.setup_expires_at
+                or user.status != "active"):
+            raise InvalidToken("The setup token is unknown, used or expired.")
+        email = (await user_cipher(session, self.envelope, user)).open("email",
+                                                                       user.email or b"")
+        problem = password_problem(password, email)
+        if problem:
+            raise WeakPassword(f"The password {problem}.")
+        user.password_hash = await self.passwords.hash(password)
+        user.password_changed_at = now
+        user.setup_token_hash = None
+        user.setup_expires_at = None
+        audit.record(session, Action.ACCOUNT_SETUP, actor=Actor(user.id, user.role),
+                     resource_type="user", resource_id=user.id)
+
+    async def import_users(self, session: AsyncSession, lines: Iterable[str]) -> ImportReport:
+        """Users from another system: one JSON object a line with `email`, `role`,
+        `full_name` and a bcrypt `password_hash`. They sign in with their old password and
+        are moved to argon2id then. Bad lines and taken emails are skipped, not fatal."""
+        imported, problems = 0, []
+        seen: set[bytes] = set()
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            problem = await self._import_one(session, line, seen)
+            if problem:
+                problems.append(f"line {number}: {problem}")
+            else:
+                imported += 1
+        audit.record(session, Action.IMPORT_USERS,
+                     metadata={"imported": imported, "skipped": len(problems)})
+        return ImportReport(imported, len(problems), problems)
+
+    async def _import_one(self, session: AsyncSession, line: str, seen: set[bytes]) -> str | None:
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            return "not JSON"
+        if not isinstance(item, dict) or set(item) != {"email", "role", "full_name",
+                                                       "password_hash"}:
+            return "needs exactly email, role, full_name and password_hash"
+        email, role, name, hashed = (item["email"], item["role"], item["full_name"],
+                                     item["password_hash"])
+        if not all(isinstance(v, str) for v in (email, role, name, hashed)):
+            return "every field must be a string"
+        if role not in {r.value for r in Role}:
+            return "unknown role"
+        if "@" not in email or not 3 <= len(email) <= 254 or not 1 <= len(name.strip()) <= 200:
+            return "bad email or full_name"
+        if not is_bcrypt_hash(hashed):
+            return "password_hash is not a bcrypt hash"
+        lookup = email_lookup(self.blind_index, email)
+        taken = (await session.execute(select(User.id).where(User.email_index == lookup))
+                 ).scalar_one_or_none()
+        if taken is not None or lookup in seen:
+            return "email already registered"
+        seen.add(lookup)
+        user = self._new_user(session, email.strip(), role, hashed)
+        await session.flush()
+        if role == Role.PATIENT:
+            self._new_patient_profile(session, user, name.strip())
+            session.add(Consent(id=uuid.uuid4(), patient_id=user.id, marketing=False,
+                                data_sharing=False, analytics=False, consent_date=utcnow()))
+        else:
+            session.add(StaffProfile(user_id=user.id, full_name=name.strip(), specialty=None))
+        return None
+
+    async def list_users(self, session: AsyncSession, limit: int,
+                         offset: int) -> tuple[list[UserView], int]:
+        total = int((await session.execute(select(func.count()).select_from(User))).scalar_one())
+        users = (await session.execute(select(User).order_by(User.created_at, User.id)
+                                       .limit(limit).offset(offset))).scalars().all()
+        views = [await self._view(session, user) for user in users]
+        audit.record(session, Action.VIEW_USERS, resource_type="user",
+                     metadata={"count": len(views), "offset": offset})
+        return views, total
+
+    async def _view(self, session: AsyncSession, user: User) -> UserView:
+        email = None
+        if user.email is not None:
+            email = (await user_cipher(session, self.envelope, user)).open("email", user.email)
+        return UserView(id=user.id, email=email, role=user.role, status=user.status,
+                        created_at=user.created_at)
+
+    async def update_user(self, session: AsyncSession, admin_id: uuid.UUID, user_id: uuid.UUID,
+                          role: str | None, status: str | None) -> UserView:
+        """Re-role (among staff roles) or disable/re-enable. Either revokes every session of
+        the user, so no token with the old role or status lives on."""
+        user = await session.get(User, user_id)
+        if user is None:
+            raise NotFound()
+        if user.status == "deleted":
+            raise Conflict("An erased account cannot be changed.")
+        if user.id == admin_id:
+            raise Conflict("You cannot change your own role or status.")
+        if role is not None and role != user.role and user.role == Role.PATIENT:
+            raise Conflict("A patient account cannot become a staff account.")
+        changed: dict[str, str] = {}
+        if role is not None and role != user.role:
+            changed["role"] = role
+            user.role = role
+        if status is not None and status != user.status:
+            changed["status"] = status
+            user.status = status
+        if changed:
+            revoked = await revoke_sessions(session, AuthSession.user_id == user.id)
+            audit.record(session, Action.UPDATE_USER, resource_type="user", resource_id=user.id,
+                         metadata={**changed, "sessions_revoked": revoked})
+        return await self._view(session, user)
+
+    async def end_sessions(self, session: AsyncSession, user_id: uuid.UUID) -> None:
+        if await session.get(User, user_id) is None:
+            raise NotFound()
+        revoked = await revoke_sessions(session, AuthSession.user_id == user_id)
+        audit.record(session, Action.SESSION_REVOKED, resource_type="user", resource_id=user_id,
+                     metadata={"sessions_revoked": revoked})
+
+    async def doctors(self, session: AsyncSession, limit: int,
+                      offset: int) -> tuple[list[DoctorView], int]:
+        where = (User.role == Role.DOCTOR, User.status == "active")
+        total = int((await session.execute(
+            select(func.count()).select_from(User).where(*where))).scalar_one())
+        rows = (await session.execute(
+            select(User.id, StaffProfile.full_name, StaffProfile.specialty)
+            .join(StaffProfile, StaffProfile.user_id == User.id).where(*where)
+            .order_by(StaffProfile.full_name, User.id).limit(limit).offset(offset))).all()
+        return [DoctorView(id=i, full_name=n, specialty=s) for i, n, s in rows], total
+
+    async def me(self, session: AsyncSession, user_id: uuid.UUID) -> Me:
+        user = await session.get(User, user_id)
+        if user is None:
+            raise InvalidToken()
+        view = await self._view(session, user)
+        me = Me(id=user.id, email=view.email, role=user.role, status=user.status,
+                mfa_enabled=user.totp_enabled, created_at=user.created_at)
+        if user.role == Role.PATIENT:
+            profile = await session.get(PatientProfile, user.id)
+            if profile is not None:
+                cipher = await row_cipher(session, self.envelope, "patient_profiles", user.id,
+                                          profile.data_key_id)
+                birth = cipher.open_optional("birth_date", profile.birth_date)
+                me = me.model_copy(update={
+                    "full_name": cipher.open_optional("full_name", profile.full_name),
+                    "birth_date": date.fromisoformat(birth) if birth else None,
+                    "sex": cipher.open_optional("sex", profile.sex),
+                    "phone": cipher.open_optional("phone", profile.phone),
+                    "address": cipher.open_optional("address", profile.address)})
+            audit.record(session, Action.VIEW_PROFILE, resource_type="patient_profile",
+                         resource_id=user.id, patient_id=user.id)
+        else:
+            staff = await session.get(StaffProfile, user.id)
+            if staff is not None:
+                me = me.model_copy(update={"full_name": staff.full_name,
+                                           "specialty": staff.specialty})
+        return me
+

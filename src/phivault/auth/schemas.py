@@ -1,0 +1,146 @@
+"""Request and response models of the auth, session and user-administration routes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, StringConstraints
+
+from phivault.schemas import Email, IsoDate, Name, Password, RequestModel
+
+Sex = Literal["female", "male", "other", "unknown"]
+StaffRole = Literal["doctor", "admin", "auditor"]
+Phone = Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=40,
+                                         pattern=r"^[0-9+().\- ]+$")]
+Address = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+OpaqueToken = Annotated[str, StringConstraints(min_length=16, max_length=128,
+                                               pattern=r"^[A-Za-z0-9_-]+$")]
+TotpCode = Annotated[str, StringConstraints(min_length=6, max_length=6, pattern=r"^[0-9]{6}$")]
+Specialty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
+                                             max_length=100)]
+
+
+class ConsentChoices(RequestModel):
+    marketing: bool = False
+    data_sharing: bool = False
+    analytics: bool = False
+
+
+class RegisterRequest(RequestModel):
+    email: Email
+    password: Password
+    full_name: Name
+    birth_date: IsoDate | None = None
+    sex: Sex | None = None
+    phone: Phone | None = None
+    address: Address | None = None
+    consents: ConsentChoices | None = None
+
+
+class RegisterAnswer(BaseModel):
+    id: uuid.UUID
+    email: str
+    role: str
+
+
+class LoginRequest(RequestModel):
+    email: Email
+    password: Password
+    totp_code: TotpCode | None = None
+
+
+class TokenPair(BaseModel):
+    access_token: str
+    refresh_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the OAuth token type, not a secret
+    expires_in: int
+
+
+class RefreshRequest(RequestModel):
+    refresh_token: OpaqueToken
+
+
+class SetupRequest(RequestModel):
+    setup_token: OpaqueToken
+    password: Password
+
+
+class PasswordChange(RequestModel):
+    current_password: Password
+    new_password: Password
+
+
+class MfaSetupRequest(RequestModel):
+    password: Password
+
+
+class MfaSetupAnswer(BaseModel):
+    secret: str
+    otpauth_uri: str
+
+
+class MfaEnableRequest(RequestModel):
+    code: TotpCode
+
+
+class SessionView(BaseModel):
+    id: uuid.UUID
+    created_at: datetime
+    last_used_at: datetime
+    expires_at: datetime
+    ip: str | None
+    user_agent: str | None
+    current: bool
+
+
+class Me(BaseModel):
+    """The caller's own account. Patients see their profile; staff their directory entry."""
+
+    id: uuid.UUID
+    email: str | None
+    role: str
+    status: str
+    mfa_enabled: bool
+    created_at: datetime
+    full_name: str | None = None
+    specialty: str | None = None
+    birth_date: date | None = None
+    sex: str | None = None
+    phone: str | None = None
+    address: str | None = None
+
+
+class CreateStaff(RequestModel):
+    email: Email
+    full_name: Name
+    role: StaffRole
+    specialty: Specialty | None = None
+
+
+class CreatedStaff(BaseModel):
+    id: uuid.UUID
+    email: str
+    role: str
+    setup_token: str
+    setup_expires_at: datetime
+
+
+class UserView(BaseModel):
+    id: uuid.UUID
+    email: str | None
+    role: str
+    status: str
+    created_at: datetime
+
+
+class UpdateUser(RequestModel):
+    role: StaffRole | None = None
+    status: Literal["active", "disabled"] | None = None
+
+
+class DoctorView(BaseModel):
+    id: uuid.UUID
+    full_name: str
+    specialty: str | None

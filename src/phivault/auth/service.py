@@ -1,0 +1,344 @@
+"""Authentication: login, refresh-token rotation, logout, sessions, password change, TOTP.
+
+Framework-free: every function takes the request's session and raises domain errors. A login
+starts a session (a refresh-token family) that ends `refresh_token_ttl` after the login whatever
+the rotations; access tokens carry its id as `sid`, and `check_session` refuses them the moment
+the session is revoked or the user is no longer active.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from phivault.audit import service as audit
+from phivault.audit.actions import Action, Outcome
+from phivault.auth import mfa
+from phivault.auth.models import AuthSession, RefreshToken, User
+from phivault.auth.passwords import Passwords, password_problem
+from phivault.auth.ratelimits import AuthLimits
+from phivault.auth.tokens import AccessClaims, AccessTokens
+from phivault.crypto.blind_index import BlindIndex, normalise_email
+from phivault.crypto.envelope import Envelope
+from phivault.db.base import utcnow
+from phivault.errors import (
+    InvalidCredentials,
+    InvalidToken,
+    MfaEnrollmentRequired,
+    MfaRequired,
+    NotFound,
+    RefreshTokenReused,
+    WeakPassword,
+)
+from phivault.keys.service import RowCipher, row_cipher
+from phivault.request_context import Actor, current_request
+
+LOGIN = "login"
+MFA_ENROLLMENT = "mfa_enrollment"
+ENROLLMENT_MINUTES = 10
+
+
+def token_digest(token: str) -> bytes:
+    """SHA-256 of an opaque token: a slow hash buys nothing for 256 random bits."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+def new_opaque_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def email_lookup(index: BlindIndex, email: str) -> bytes:
+    return index.digest("users", "email", normalise_email(email))
+
+
+async def user_cipher(session: AsyncSession, envelope: Envelope, user: User) -> RowCipher:
+    return await row_cipher(session, envelope, "users", user.id, user.data_key_id)
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedTokens:
+    access_token: str
+    refresh_token: str
+    expires_in: int
+
+
+class Authenticator:
+    """The authentication service of one runtime (its keys, hasher, limits and TTLs)."""
+
+    def __init__(self, *, envelope: Envelope, blind_index: BlindIndex, passwords: Passwords,
+                 limits: AuthLimits, tokens: AccessTokens, refresh_ttl: int,
+                 mfa_roles: frozenset[str]) -> None:
+        self.envelope = envelope
+        self.blind_index = blind_index
+        self.passwords = passwords
+        self.limits = limits
+        self.tokens = tokens
+        self.refresh_ttl = refresh_ttl
+        self.mfa_roles = mfa_roles
+
+    # Login.
+
+    async def login(self, session: AsyncSession, email: str, password: str,
+                    totp_code: str | None) -> IssuedTokens:
+        """Check the credentials; the same answer, in about the same time, for an unknown
+        email and a wrong password. Five failures lock the account out for the window."""
+        lookup = email_lookup(self.blind_index, email)
+        account = lookup.hex()
+        await self.limits.check_account(account)
+        user = (await session.execute(select(User).where(User.email_index == lookup))
+                ).scalar_one_or_none()
+        stored = user.password_hash if user is not None else None
+        valid = await self.passwords.verify(stored, password)
+        if user is None or not valid or user.status != "active":
+            await self._failed(session, account, user, "unknown_account" if user is None
+                               else "bad_password" if not valid else "inactive")
+        assert user is not None and stored is not None  # noqa: S101 - checked just above
+        if user.totp_enabled:
+            if totp_code is None:
+                raise MfaRequired()
+            secret = (await user_cipher(session, self.envelope, user)).open(
+                "totp_secret", user.totp_secret or b"")
+            step = mfa.matching_step(secret, totp_code, after_step=user.totp_last_step)
+            if step is None or not await _claim_totp_step(session, user.id, step):
+                await self._failed(session, account, user, "bad_totp")
+        if self.passwords.needs_rehash(stored):
+            user.password_hash = await self.passwords.hash(password)
+        await self.limits.clear_account(account)
+        actor = Actor(user.id, user.role)
+        if user.role in self.mfa_roles and not user.totp_enabled:
+            enrollment = self._start_session(session, user, MFA_ENROLLMENT,
+                                             timedelta(minutes=ENROLLMENT_MINUTES))
+            audit.record(session, Action.LOGIN_SUCCESS, actor=actor, resource_type="user",
+                         resource_id=user.id, metadata={"mfa_enrollment": True})
+            token = self.tokens.issue(user.id, user.role, enrollment.id,
+                                      scope=MFA_ENROLLMENT, not_after=enrollment.expires_at)
+            raise MfaEnrollmentRequired(enrollment_token=token)
+        login = self._start_session(session, user, LOGIN, timedelta(seconds=self.refresh_ttl))
+        audit.record(session, Action.LOGIN_SUCCESS, actor=actor, resource_type="user",
+                     resource_id=user.id, metadata={"session_id": str(login.id)})
+        return self._issue(session, user, login)
+
+    async def _failed(self, session: AsyncSession, account: str, user: User | None,
+                      reason: str) -> None:
+        await self.limits.fail_account(account)
+        audit.record(session, Action.LOGIN_FAILURE, outcome=Outcome.DENIED,
+                     actor=Actor(user.id, user.role) if user else Actor(None, None),
+                     resource_type="user", resource_id=user.id if user else None,
+                     metadata={"reason": reason})
+        raise InvalidCredentials()
+
+    def _start_session(self, session: AsyncSession, user: User, kind: str,
+                       lifetime: timedelta) -> AuthSession:
+        now = utcnow()
+        ctx = current_request()
+        login = AuthSession(id=uuid.uuid4(), user_id=user.id, kind=kind, created_at=now,
+                            expires_at=now + lifetime, last_used_at=now, ip=ctx.ip,
+                            user_agent=ctx.user_agent)
+        session.add(login)
+        return login
+
+    def _issue(self, session: AsyncSession, user: User, login: AuthSession) -> IssuedTokens:
+        refresh = new_opaque_token()
+        now = utcnow()
+        session.add(RefreshToken(id=uuid.uuid4(), token_hash=token_digest(refresh),
+                                 session_id=login.id, user_id=user.id, issued_at=now,
+                                 expires_at=login.expires_at))
+        access = self.tokens.issue(user.id, user.role, login.id, not_after=login.expires_at)
+        expires_in = max(0, int(min(self.tokens.ttl_seconds,
+                                    (login.expires_at - now).total_seconds())))
+        return IssuedTokens(access, refresh, expires_in)
+
+    # Refresh and logout.
+
+    async def refresh(self, session: AsyncSession, refresh_token: str) -> IssuedTokens:
+        """Rotate: the presented token is marked used and a new pair returned. A token used
+        before (or raced by a concurrent use) revokes its whole family: a stolen copy and the
+        genuine client cannot both go on."""
+        now = utcnow()
+        found = (await session.execute(
+            select(RefreshToken, AuthSession, User)
+            .join(AuthSession, AuthSession.id == RefreshToken.session_id)
+            .join(User, User.id == RefreshToken.user_id)
+            .where(RefreshToken.token_hash == token_digest(refresh_token))
+        )).one_or_none()
+        if found is None:
+            raise InvalidToken()
+        token, login, user = found
+        if login.revoked_at is not None or token.revoked_at is not None:
+            raise InvalidToken()
+        if token.used_at is not None:
+            await self._revoke_for_reuse(session, login, user)
+        if now >= login.expires_at or user.status != "active" or login.kind != LOGIN:
+            raise InvalidToken()
+        # Mark it used only if nobody else did in the meantime: of two concurrent uses, one
+        # wins and the other is a reuse.
+        claimed = await session.execute(
+            update(RefreshToken).where(RefreshToken.id == token.id,
+                                       RefreshToken.used_at.is_(None)).values(used_at=now)
+            .execution_options(synchronize_session=False))
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            await self._revoke_for_reuse(session, login, user)
+        login.last_used_at = now
+        ctx = current_request()
+        login.ip, login.user_agent = ctx.ip, ctx.user_agent
+        audit.record(session, Action.TOKEN_REFRESH, actor=Actor(user.id, user.role),
+                     resource_type="session", resource_id=login.id)
+        return self._issue(session, user, login)
+
+    async def _revoke_for_reuse(self, session: AsyncSession, login: AuthSession,
+                                user: User) -> None:
+        await revoke_sessions(session, AuthSession.id == login.id)
+        audit.record(session, Action.REFRESH_TOKEN_REUSE, outcome=Outcome.DENIED,
+                     actor=Actor(user.id, user.role), resource_type="session",
+                     resource_id=login.id)
+        raise RefreshTokenReused()
+
+    async def logout(self, session: AsyncSession, refresh_token: str) -> None:
+        """End the token's session. An unknown or dead token changes nothing (and says so to
+        nobody: logout always answers 204)."""
+        found = (await session.execute(
+            select(RefreshToken.session_id, User.id, User.role)
+            .join(User, User.id == RefreshToken.user_id)
+            .where(RefreshToken.token_hash == token_digest(refresh_token))
+        )).one_or_none()
+        if found is None:
+            return
+        session_id, user_id, role = found
+        if await revoke_sessions(session, AuthSession.id == session_id):
+            audit.record(session, Action.LOGOUT, actor=Actor(user_id, role),
+                         resource_type="session", resource_id=session_id)
+
+    # Per-request check.
+
+    async def check_session(self, session: AsyncSession, claims: AccessClaims,
+                            *, allow_enrollment: bool = False) -> None:
+        """Refuse a token whose session was revoked or ended, whose user is no longer active
+        or has another role now, or whose scope does not fit the route."""
+        row = (await session.execute(
+            select(AuthSession.kind, AuthSession.revoked_at, AuthSession.expires_at,
+                   User.status, User.role)
+            .join(User, User.id == AuthSession.user_id)
+            .where(AuthSession.id == claims.session_id, AuthSession.user_id == claims.user_id)
+        )).one_or_none()
+        if row is None:
+            raise InvalidToken()
+        kind, revoked_at, expires_at, status, role = row
+        scope_ok = (claims.scope is None and kind == LOGIN) or (
+            allow_enrollment and claims.scope == MFA_ENROLLMENT and kind == MFA_ENROLLMENT)
+        if (revoked_at is not None or utcnow() >= expires_at or status != "active"
+                or role != claims.role or not scope_ok):
+            raise InvalidToken()
+
+    # Sessions.
+
+    async def list_sessions(self, session: AsyncSession, user_id: uuid.UUID,
+                            current: uuid.UUID) -> list[tuple[AuthSession, bool]]:
+        rows = (await session.execute(
+            select(AuthSession).where(AuthSession.user_id == user_id,
+                                      AuthSession.kind == LOGIN,
+                                      AuthSession.revoked_at.is_(None),
+                                      AuthSession.expires_at > utcnow())
+            .order_by(AuthSession.created_at.desc())
+        )).scalars().all()
+        return [(row, row.id == current) for row in rows]
+
+    async def end_session(self, session: AsyncSession, user_id: uuid.UUID,
+                          session_id: uuid.UUID) -> None:
+        """End one of the caller's own sessions; another user's is `not_found`."""
+        if not await revoke_sessions(session, AuthSession.id == session_id,
+                                     AuthSession.user_id == user_id):
+            raise NotFound()
+        audit.record(session, Action.SESSION_REVOKED, resource_type="session",
+                     resource_id=session_id)
+
+    # Password and TOTP.
+
+    async def change_password(self, session: AsyncSession, user_id: uuid.UUID, current: str,
+                              new: str) -> None:
+        user = await self._user(session, user_id)
+        if not await self.passwords.verify(user.password_hash, current):
+            audit.record(session, Action.PASSWORD_CHANGED, outcome=Outcome.DENIED,
+                         resource_type="user", resource_id=user.id,
+                         metadata={"reason": "bad_password"})
+            raise InvalidCredentials()
+        email = (await user_cipher(session, self.envelope, user)).open("email",
+                                                                       user.email or b"")
+        problem = password_problem(new, email)
+        if problem:
+            raise WeakPassword(f"The new password {problem}.")
+        user.password_hash = await self.passwords.hash(new)
+        user.password_changed_at = utcnow()
+        revoked = await revoke_sessions(session, AuthSession.user_id == user.id)
+        audit.record(session, Action.PASSWORD_CHANGED, resource_type="user", resource_id=user.id,
+                     metadata={"sessions_revoked": revoked})
+
+    async def start_mfa(self, session: AsyncSession, user_id: uuid.UUID,
+                        password: str) -> tuple[str, str]:
+        """A new TOTP secret (not active until `enable_mfa`), after the password again: a
+        stolen access token alone cannot change MFA."""
+        user = await self._user(session, user_id)
+        if not await self.passwords.verify(user.password_hash, password):
+            audit.record(session, Action.ACCESS_DENIED, outcome=Outcome.DENIED,
+                         resource_type="user", resource_id=user.id,
+                         metadata={"reason": "mfa_setup_bad_password"})
+            raise InvalidCredentials()
+        if user.totp_enabled:
+            raise InvalidCredentials("Two-factor authentication is already on.")
+        cipher = await user_cipher(session, self.envelope, user)
+        secret = mfa.new_secret()
+        user.totp_secret = cipher.seal("totp_secret", secret)
+        user.totp_last_step = None
+        email = cipher.open("email", user.email or b"")
+        return secret, mfa.provisioning_uri(secret, email)
+
+    async def enable_mfa(self, session: AsyncSession, user_id: uuid.UUID, code: str,
+                         claims: AccessClaims) -> None:
+        user = await self._user(session, user_id)
+        if user.totp_enabled or user.totp_secret is None:
+            raise InvalidCredentials("Start with POST /auth/mfa/setup.")
+        secret = (await user_cipher(session, self.envelope, user)).open("totp_secret",
+                                                                        user.totp_secret)
+        step = mfa.matching_step(secret, code, after_step=user.totp_last_step)
+        if step is None or not await _claim_totp_step(session, user.id, step):
+            raise InvalidCredentials()
+        user.totp_enabled = True
+        # Sessions opened without the second factor end: from now on logins need it.
+        await revoke_sessions(session, AuthSession.user_id == user.id)
+        audit.record(session, Action.MFA_ENABLED, resource_type="user", resource_id=user.id)
+
+    async def _user(self, session: AsyncSession, user_id: uuid.UUID) -> User:
+        user = await session.get(User, user_id)
+        if user is None or user.status != "active":
+            raise InvalidToken()
+        return user
+
+
+async def _claim_totp_step(session: AsyncSession, user_id: uuid.UUID, step: int) -> bool:
+    """Record `step` as used, unless it (or a later one) already was: of two concurrent logins
+    with one code, exactly one wins."""
+    result = await session.execute(
+        update(User).where(User.id == user_id,
+                           (User.totp_last_step.is_(None)) | (User.totp_last_step < step))
+        .values(totp_last_step=step).execution_options(synchronize_session=False))
+    return int(result.rowcount) == 1  # type: ignore[attr-defined]
+
+
+async def revoke_sessions(session: AsyncSession, *where: object) -> int:
+    """Revoke the live sessions matching `where` (and so every token of their families);
+    returns how many."""
+    now = utcnow()
+    result = await session.execute(
+        update(AuthSession).where(*where, AuthSession.revoked_at.is_(None))  # type: ignore[arg-type]
+        .values(revoked_at=now).execution_options(synchronize_session=False))
+    count = int(result.rowcount)  # type: ignore[attr-defined]
+    return count
+
+
+__all__ = ["Authenticator", "IssuedTokens", "email_lookup", "new_opaque_token",
+           "revoke_sessions", "token_digest"]

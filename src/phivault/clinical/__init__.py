@@ -1,0 +1,1 @@
+"""Clinical data: patient profiles, consultations, records, prescriptions, attachments."""

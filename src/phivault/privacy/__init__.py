@@ -1,0 +1,1 @@
+"""Data-subject rights: consents, export, erasure, de-identified research exports."""

@@ -13,6 +13,7 @@ import os
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,11 +235,21 @@ async def audit_chain_holds(request: pytest.FixtureRequest,
 
 # The app.
 
+CLIENT_IP = "203.0.113.7"
+
+
+@asynccontextmanager
+async def client_for(rt: Runtime, ip: str = CLIENT_IP) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the real app over `rt`, connecting from `ip`."""
+    transport = httpx.ASGITransport(app=create_app(runtime=rt), client=(ip, 50000))
+    async with httpx.AsyncClient(transport=transport, base_url="https://testserver",
+                                 headers={"User-Agent": "phivault-tests/1"}) as c:
+        yield c
+
+
 @pytest.fixture
 async def client(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(runtime=runtime)
-    transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 50000))
-    async with httpx.AsyncClient(transport=transport, base_url="https://testserver") as c:
+    async with client_for(runtime) as c:
         yield c
 
 

@@ -21,7 +21,8 @@ from tests.conftest import KEY_VARIABLES, generate_keys
 from tests.helpers import cli_env, run_cli
 
 COMMANDS = [[], ["init"], ["migrate"], ["serve"], ["keys"], ["keys", "generate"],
-            ["keys", "status"], ["keys", "rewrap"], ["audit"], ["audit", "verify"]]
+            ["keys", "status"], ["keys", "rewrap"], ["audit"], ["audit", "verify"], ["users"],
+            ["users", "create"], ["users", "list"], ["users", "disable"], ["users", "import"]]
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -6,7 +6,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,36 +14,14 @@ import httpx
 import pytest
 
 from phivault.crypto.tls import write_self_signed_certificate
-from tests.helpers import cli_env, phivault_command, run_cli
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def client_context(cert: Path, *, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(cert))
-    if maximum is not None:
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.maximum_version = maximum
-    return context
-
-
-def wait_listening(port: int, process: subprocess.Popen[str], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited {process.returncode}: "
-                                 f"{process.stderr.read() if process.stderr else ''}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("server did not start listening")
+from tests.helpers import (
+    cli_env,
+    client_context,
+    free_port,
+    phivault_command,
+    run_cli,
+    wait_listening,
+)
 
 
 @pytest.fixture

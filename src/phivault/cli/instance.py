@@ -24,6 +24,12 @@ from phivault.runtime import Runtime
 
 VAR = Path("var")
 DEV_ENV_FILE = VAR / "phivault.env"
+FIRST_USER_HINT = (
+    "first admin (in another terminal, from this directory):\n"
+    "  set -a && . ./var/phivault.env && set +a && printf '%s' 'a passphrase of 15+ chars' |\n"
+    "  .venv/bin/phivault users create you@example.org --role admin --full-name 'Your Name' "
+    "--password-stdin"
+)
 
 
 def init(
@@ -44,6 +50,7 @@ def init(
             if name.startswith("PHIVAULT_") and value:
                 os.environ.setdefault(name, value)
         typer.echo(("created" if created else "reusing") + f" development instance in {VAR}/")
+        typer.echo(FIRST_USER_HINT)
     settings = settings_or_exit()
     if settings.env == "dev" and not dev:
         err.print("note: PHIVAULT_ENV is dev; use --dev for a local instance", markup=False)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from alembic import context
+from alembic.autogenerate.api import AutogenContext
 from sqlalchemy.engine import Connection
 
 from phivault.db.base import UTCDateTime
@@ -11,7 +14,7 @@ from phivault.db.metadata import target_metadata
 config = context.config
 
 
-def _render_item(type_: str, obj: object, autogen_context: object) -> str | bool:
+def _render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
     """Render our column types by their plain names (the migration template imports them)."""
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "UTCDateTime()"

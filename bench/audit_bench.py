@@ -101,7 +101,7 @@ async def append_rate(rt: Runtime, count: int, concurrency: int) -> dict[str, An
     async def worker() -> None:
         for i in queue:
             async with rt.unit_of_work() as session:
-                service.record(session, Action.VIEW_PRESCRIPTION, metadata={"i": i})
+                service.record(session, Action.VIEW_PRESCRIPTION, metadata={"count": i})
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -121,7 +121,8 @@ async def require_postgres() -> None:
 
 
 def _worker() -> str:
-    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+    """Unique per test process, so two suites on one server never share a database."""
+    return f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_{os.getpid()}"
 
 
 def _pg_url_for(name: str) -> str:

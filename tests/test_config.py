@@ -152,3 +152,13 @@ def test_prod_refuses_self_signed_localhost_certificate(
     settings = load_settings()
     settings.check_serving()  # behind a proxy the proxy holds the certificate
     assert [str(n) for n in settings.trusted_proxy_networks] == ["127.0.0.1/32", "::1/128"]
+
+
+def test_secret_file_that_is_not_utf8(env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                                      tmp_path: Path) -> None:
+    path = tmp_path / "bad"
+    path.write_bytes(b"\xff\xfe not utf-8")
+    monkeypatch.delenv("PHIVAULT_AUDIT_KEY")
+    monkeypatch.setenv("PHIVAULT_AUDIT_KEY_FILE", str(path))
+    with pytest.raises(ConfigError, match="^PHIVAULT_AUDIT_KEY_FILE: the file is not UTF-8"):
+        load_settings()

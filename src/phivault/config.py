@@ -40,7 +40,7 @@ FIELD_ORDER = (
     "env", "database_url", "master_keys", "index_key", "audit_key", "jwt_keys", "tls_cert_file",
     "tls_key_file", "behind_proxy", "trusted_proxies", "redis_url", "access_token_ttl",
     "refresh_token_ttl", "auth_rate_limit", "lockout", "mfa_required_roles", "metrics_token",
-    "redis_prefix", "argon2_memory_kib", "argon2_time_cost", "argon2_parallelism", "log_level",
+    "header_timeout", "redis_prefix", "argon2_memory_kib", "argon2_time_cost", "argon2_parallelism", "log_level",
 )
 
 ROLES = ("patient", "doctor", "admin", "auditor")
@@ -77,6 +77,9 @@ class _SecretFileSource(PydanticBaseSettingsSource):
                               " not both")
         try:
             value = Path(path).read_text(encoding="utf-8").strip()
+        except UnicodeError:
+            raise ConfigError(env_name(field_name) + "_FILE",
+                              "the file is not UTF-8 text") from None
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise ConfigError(env_name(field_name) + "_FILE",
@@ -117,6 +120,7 @@ class Settings(BaseSettings):
     lockout: str = "5/15minutes"
     mfa_required_roles: str | None = None
     metrics_token: SecretStr | None = None
+    header_timeout: float = Field(15.0, ge=1.0, le=120.0)
     redis_prefix: str = Field("phivault", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     argon2_memory_kib: int = Field(65536, ge=8, le=4 * 1024 * 1024)
     argon2_time_cost: int = Field(2, ge=1, le=20)

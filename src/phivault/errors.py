@@ -96,3 +96,18 @@ class WeakPassword(PhivaultError):
 class InvalidRequest(PhivaultError):
     code = "invalid_request"
     detail = "The request is not acceptable."
+
+
+class NoCareRelationship(PhivaultError):
+    code = "no_care_relationship"
+    detail = "You have no care relationship with this patient."
+
+
+class NoConsent(PhivaultError):
+    code = "no_consent"
+    detail = "The patient has not consented to share their data."
+
+
+class UnsupportedMedia(PhivaultError):
+    code = "unsupported_media_type"
+    detail = "Attachments must be PDF, PNG, JPEG or DICOM, and their content must match."

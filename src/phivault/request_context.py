@@ -63,3 +63,12 @@ def current_actor() -> Actor:
 def set_actor(actor: Actor) -> None:
     """Called by the authentication guard once the caller is known."""
     _actor.set(actor)
+
+
+def reset_actor() -> object:
+    """Start a request as the system (no caller yet); returns a token for `restore_actor`."""
+    return _actor.set(SYSTEM)
+
+
+def restore_actor(token: object) -> None:
+    _actor.reset(token)  # type: ignore[arg-type]

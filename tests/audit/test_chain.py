@@ -21,7 +21,7 @@ async def _append(rt: Runtime, n: int, **fields: Any) -> None:
     async with rt.unit_of_work() as session:
         for i in range(n):
             service.record(session, Action.VIEW_MEDICAL_RECORD, resource_type="medical_record",
-                           resource_id=uuid.uuid4(), metadata={"i": i}, **fields)
+                           resource_id=uuid.uuid4(), metadata={"count": i}, **fields)
 
 
 async def _events(rt: Runtime) -> list[AuditEvent]:
@@ -93,8 +93,11 @@ async def test_event_write_failure_fails_the_action(fresh_runtime: Callable[...,
         assert (await session.execute(select(AuditHead))).scalar_one().seq == 0
 
 
-@pytest.mark.parametrize("metadata", [{"email": "x"}, {"Bad-Key": 1}, {"x": 1.5},
-                                      {"x": {"nested": 1}}, {"notes": "n"}, {"x": "y" * 1001}])
+@pytest.mark.parametrize("metadata", [
+    {"email": "x"}, {"Bad-Key": 1}, {"count": 1.5}, {"count": {"nested": 1}}, {"notes": "n"},
+    {"reason": "y" * 1001}, {"patient_name": "x"}, {"dob": "1970"}, {"diagnosis_text": "x"},
+    {"emails": "x"}, {"reason\n": "x"}, {"email\n": "x"},
+])
 def test_metadata_that_could_carry_phi_is_refused(metadata: dict[str, Any]) -> None:
     class FakeSession:
         info: dict[str, Any] = {}
@@ -106,7 +109,7 @@ def test_metadata_that_could_carry_phi_is_refused(metadata: dict[str, Any]) -> N
 @pytest.mark.tampers
 @pytest.mark.parametrize("tamper, first_bad", [
     ("UPDATE audit_events SET action = 'LOGIN_SUCCESS' WHERE seq = 3", 3),
-    ("UPDATE audit_events SET metadata = '{\"i\": 99}' WHERE seq = 4", 4),
+    ("UPDATE audit_events SET metadata = '{\"count\": 99}' WHERE seq = 4", 4),
     ("UPDATE audit_events SET outcome = 'denied' WHERE seq = 1", 1),
     ("DELETE FROM audit_events WHERE seq = 2", 2),
     ("DELETE FROM audit_events WHERE seq = 5", 5),
@@ -191,11 +194,58 @@ async def test_concurrent_appends_make_one_gap_free_chain(
 
     async def one(i: int) -> None:
         async with rt.unit_of_work() as session:
-            service.record(session, Action.VIEW_PRESCRIPTION, metadata={"i": i})
+            service.record(session, Action.VIEW_PRESCRIPTION, metadata={"count": i})
 
     await asyncio.gather(*(one(i) for i in range(200)))
     events = await _events(rt)
     assert [e.seq for e in events] == list(range(1, 201))
-    assert sorted(e.event_metadata["i"] for e in events) == list(range(200))
+    assert sorted(e.event_metadata["count"] for e in events) == list(range(200))
     result = await service.verify_snapshot(rt.sessions, rt.audit_key)
     assert result.as_dict() == {"ok": True, "events": 200, "first_bad_seq": None}
+
+
+async def test_seq_below_one_is_refused_and_would_be_caught(
+        fresh_runtime: Callable[..., Any]) -> None:
+    rt = await fresh_runtime()
+    await _append(rt, 2)
+    with pytest.raises(Exception, match="(?i)check"):
+        async with rt.engine.begin() as connection:
+            await connection.execute(text(
+                "INSERT INTO audit_events (seq, at, action, outcome, metadata, prev_hash, hash) "
+                "SELECT 0, at, action, outcome, metadata, prev_hash, hash FROM audit_events "
+                "WHERE seq = 1"))
+    # Had it got in (constraint dropped), verification reads from the lowest seq and fails.
+    from phivault.audit.chain import ChainedEvent, ChainVerifier
+
+    events = await _events(rt)
+    stray = ChainedEvent(0, events[0].at, None, None, "X", None, None, None, "success", None,
+                         None, None, {}, bytes(32), bytes(32))
+    verifier = ChainVerifier(rt.audit_key)
+    verifier.feed([stray, *[_chained(e) for e in events]])
+    result = verifier.finish(2, events[-1].hash)
+    assert (result.ok, result.first_bad_seq) == (False, 0)
+
+
+def _chained(row: AuditEvent) -> Any:
+    from phivault.audit.chain import ChainedEvent
+
+    return ChainedEvent(row.seq, row.at, row.actor_id, row.actor_role, row.action,
+                        row.resource_type, row.resource_id, row.patient_id, row.outcome, row.ip,
+                        row.user_agent, row.request_id, row.event_metadata, row.prev_hash,
+                        row.hash)
+
+
+async def test_durable_events_survive_a_failed_commit(fresh_runtime: Callable[..., Any]) -> None:
+    rt = await fresh_runtime()
+    from phivault.db.base import utcnow
+    from phivault.keys.models import DataKeyRow
+
+    key_id = uuid.uuid4()
+    async with rt.unit_of_work() as session:
+        session.add(DataKeyRow(id=key_id, kek_id="k", wrapped=b"x", created_at=utcnow()))
+    with pytest.raises(Exception):  # noqa: B017 - the duplicate key fails the commit
+        async with rt.unit_of_work() as session:
+            service.record(session, Action.LOGIN_FAILURE, outcome=Outcome.DENIED)
+            session.add(DataKeyRow(id=key_id, kek_id="k", wrapped=b"y", created_at=utcnow()))
+    events = await _events(rt)
+    assert [(e.action, e.outcome) for e in events] == [("LOGIN_FAILURE", "denied")]

@@ -23,7 +23,7 @@ async def main(worker: int, count: int) -> None:
     rt = Runtime.from_settings(load_settings(), pool_size=8)
     async def one(i: int) -> None:
         async with rt.unit_of_work() as session:
-            service.record(session, Action.VIEW_PROFILE, metadata={"worker": worker, "i": i})
+            service.record(session, Action.VIEW_PROFILE, metadata={"offset": worker, "count": i})
     await asyncio.gather(*(one(i) for i in range(count)))
     await rt.close()
 

@@ -6,6 +6,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -116,3 +117,30 @@ async def test_behind_proxy_serves_http_on_loopback_and_believes_the_proxy(
         event = (await session.execute(select(AuditEvent).where(
             AuditEvent.request_id == response.headers["x-request-id"]))).scalar_one()
     assert event.ip == "198.51.100.23"
+
+
+async def test_slow_headers_are_cut_off(server: Callable[..., Any]) -> None:
+    """Slowloris: a client that trickles its headers loses its connection at the deadline,
+    and the server keeps answering others."""
+    port, cert, _ = await server(PHIVAULT_HEADER_TIMEOUT="1")
+    context = client_context(cert)
+    with socket.create_connection(("127.0.0.1", port)) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 5:
+            try:
+                tls.sendall(b"X-Slow: 1\r\n")
+                tls.settimeout(0.4)
+                if tls.recv(1) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                continue
+            except (ssl.SSLError, OSError):
+                closed = True
+                break
+        assert closed and time.monotonic() - started < 3
+    with httpx.Client(verify=client_context(cert)) as client:
+        assert client.get(f"https://127.0.0.1:{port}/healthz").status_code == 200

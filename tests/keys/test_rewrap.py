@@ -58,9 +58,9 @@ async def test_rotation_then_rewrap(fresh_runtime: Callable[..., Any]) -> None:
     # New writes use the new key; old rows still open.
     await _seal_rows(new, 5)
     async with new.unit_of_work() as session:
-        assert await service.rewrap_batch(session, new.envelope, 7) == 7
+        assert (await service.rewrap_batch(session, new.envelope, 7)).rewritten == 7
     async with new.unit_of_work() as session:
-        while await service.rewrap_batch(session, new.envelope, 10):
+        while (await service.rewrap_batch(session, new.envelope, 10)).rewritten:
             pass
     async with new.sessions() as session:
         status = await service.key_status(session, new.envelope)
@@ -121,3 +121,29 @@ async def test_status_reports_keys_missing_from_the_ring(
     rewrap = run_cli("keys", "rewrap", env=env)
     assert rewrap.returncode == 1
     assert "3 data keys are still under a master key" in rewrap.stderr
+
+
+async def test_rewrap_skips_damaged_keys_and_repairs_mislabelled_ones(
+        fresh_runtime: Callable[..., Any]) -> None:
+    old = await fresh_runtime()
+    await _bulk_keys(old, 10)
+    async with old.sessions() as session:
+        ids = [row for (row,) in (await session.execute(
+            select(DataKeyRow.id).order_by(DataKeyRow.id))).all()]
+    env = cli_env(old, PHIVAULT_MASTER_KEYS=_rotated(old))
+    new = await fresh_runtime(master_keys=env["PHIVAULT_MASTER_KEYS"],
+                              database_url=old.settings.database_url_value)
+    async with new.unit_of_work() as session:
+        # One key damaged on disk; one already re-wrapped but still labelled with the old id.
+        damaged = (await session.get(DataKeyRow, ids[3]))
+        assert damaged is not None
+        damaged.wrapped = damaged.wrapped[:-1] + bytes([damaged.wrapped[-1] ^ 1])
+        mislabelled = await session.get(DataKeyRow, ids[6])
+        assert mislabelled is not None
+        mislabelled.wrapped = new.envelope.rewrap(ids[6], mislabelled.wrapped) or b""
+    result = run_cli("keys", "rewrap", "--batch-size", "3", env=env)
+    assert result.returncode == 1
+    assert "1 data keys failed their integrity check" in result.stderr
+    final = json.loads(run_cli("keys", "status", "--json", env=env).stdout)
+    assert final["deks"][final["active"]] == 9
+    assert final["deks"][old.envelope.ring.active_id] == 1

@@ -12,8 +12,9 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"
 PROXIES = (ipaddress.ip_network("10.0.0.0/8"),)
 
 
-def scope(peer: str, forwarded: str | None) -> dict[str, object]:
-    headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded is not None else []
+def scope(peer: str, forwarded: str | list[str] | None) -> dict[str, object]:
+    lines = [forwarded] if isinstance(forwarded, str) else forwarded or []
+    headers = [(b"x-forwarded-for", line.encode()) for line in lines]
     return {"type": "http", "client": (peer, 5000), "headers": headers}
 
 
@@ -34,7 +35,13 @@ def scope(peer: str, forwarded: str | None) -> dict[str, object]:
     ("127.0.0.1", "not-an-ip", LOOPBACK, "127.0.0.1"),
     ("127.0.0.1", "198.51.100.1, <script>", LOOPBACK, "127.0.0.1"),
     ("127.0.0.1", None, LOOPBACK, "127.0.0.1"),
+    # Several header lines count together, in order (a proxy may append its own line).
+    ("127.0.0.1", ["6.6.6.6", "198.51.100.9"], LOOPBACK, "198.51.100.9"),
+    # Scoped IPv6 is refused; addresses are normalised (and so short enough to store).
+    ("127.0.0.1", "fe80::1%" + "x" * 60, LOOPBACK, "127.0.0.1"),
+    ("127.0.0.1", "2001:0db8:0000:0000:0000:0000:0000:0001", LOOPBACK, "2001:db8::1"),
 ])
-def test_client_address(peer: str, forwarded: str | None, trusted: tuple[object, ...],
+def test_client_address(peer: str, forwarded: str | list[str] | None,
+                        trusted: tuple[object, ...],
                         expected: str) -> None:
     assert client_address(scope(peer, forwarded), trusted) == expected  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
 
 import httpx
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from phivault.access.guards import Public
 from phivault.runtime import Runtime
 from phivault.web.app import create_app
+from phivault.web.dependencies import SessionDep
 from phivault.web.middleware import MAX_BODY
 from tests.factories import bearer
 
@@ -179,6 +181,7 @@ async def test_docs_page_has_no_inline_script(client: httpx.AsyncClient) -> None
     assert page.status_code == 200
     assert "script-src 'self'" in page.headers["content-security-policy"]
     assert "<script>" not in page.text and "unsafe-inline" not in page.text
+    assert page.text.count('integrity="sha384-') == 2 and "swagger-ui-dist@5.17.14" in page.text
     assert (await client.get("/docs/init.js")).status_code == 200
 
 
@@ -216,3 +219,76 @@ async def test_access_log_lines_carry_the_request_id(client: httpx.AsyncClient,
     assert access and access[-1]["request_id"] == response.headers["x-request-id"]
     assert access[-1]["path"] == "/healthz" and access[-1]["status"] == 200
     assert "abc.def.ghi" not in captured_logs.getvalue()  # type: ignore[attr-defined]
+
+
+async def test_a_failed_commit_fails_the_request(runtime: Runtime) -> None:
+    """The unit of work commits before the response is sent: when the commit fails (here a
+    duplicate key), the client gets a 500, never a 200 for work that was not saved."""
+    from phivault.db.base import utcnow
+    from phivault.keys.models import DataKeyRow
+
+    key_id = uuid.uuid4()
+    async with runtime.unit_of_work() as session:
+        session.add(DataKeyRow(id=key_id, kek_id="k", wrapped=b"x", created_at=utcnow()))
+    app = create_app(runtime=runtime)
+
+    @app.post("/test/conflict", dependencies=[Depends(Public())])
+    async def conflict(session: SessionDep) -> dict[str, bool]:
+        session.add(DataKeyRow(id=key_id, kek_id="k", wrapped=b"y", created_at=utcnow()))
+        return {"saved": True}
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="https://t") as c:
+        response = await c.post("/test/conflict")
+    assert response.status_code == 500 and response.json()["error"] == "internal_error"
+
+
+async def test_slow_body_is_408(probe: httpx.AsyncClient,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from phivault.web import middleware
+
+    monkeypatch.setattr(middleware, "BODY_CHUNK_TIMEOUT", 0.2)
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b'{"password": "'
+        await asyncio.sleep(0.5)
+        yield b'abc"}'
+
+    response = await probe.post("/test/echo", content=trickle(),
+                                headers={"content-type": "application/json"})
+    assert response.status_code == 408 and response.json()["error"] == "request_timeout"
+
+
+async def test_odd_content_lengths_are_400(probe: httpx.AsyncClient) -> None:
+    for value in ("\u00b2".encode("latin-1"), b"9" * 40, b"1e3"):
+        response = await probe.post("/test/echo", content=b"{}", headers={
+            "content-type": "application/json", "content-length": value})
+        assert response.status_code == 400, value
+
+
+async def test_unknown_keys_and_bad_ids_are_not_echoed(probe: httpx.AsyncClient,
+                                                       client: httpx.AsyncClient,
+                                                       runtime: Runtime) -> None:
+    response = await probe.post("/test/echo", json={
+        "password": "p" * 20, "flag": True, "count": 1, "Jane Doe HIV+": 1})
+    assert response.status_code == 422
+    assert "Jane Doe" not in response.text
+    assert response.json()["fields"] == [{"field": "body.(unknown field)",
+                                          "problem": "is not a field of this request"}]
+    from tests.factories import signed_in
+
+    user = await signed_in(runtime, "patient")
+    bad = await client.delete("/api/v1/me/sessions/Patient-Secret-Id", headers=user.headers)
+    assert bad.status_code == 422 and "Secret" not in bad.text
+
+
+async def test_the_caller_does_not_outlive_the_request(client: httpx.AsyncClient,
+                                                       runtime: Runtime) -> None:
+    from phivault.request_context import SYSTEM, current_actor
+    from tests.factories import signed_in
+
+    user = await signed_in(runtime, "auditor")
+    assert (await client.get("/api/v1/audit/verify", headers=user.headers)).status_code == 200
+    assert current_actor() == SYSTEM

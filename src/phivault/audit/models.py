@@ -38,6 +38,7 @@ class AuditEvent(Base):
 
     __table_args__ = (
         CheckConstraint("outcome IN ('success', 'denied', 'error')", name="outcome"),
+        CheckConstraint("seq >= 1", name="seq_positive"),
     )
 
 

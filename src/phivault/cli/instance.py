@@ -21,6 +21,7 @@ from phivault.crypto.tls import server_ssl_context, write_self_signed_certificat
 from phivault.db import migrate as migrations
 from phivault.observability import configure_logging
 from phivault.runtime import Runtime
+from phivault.web.protocol import DeadlineH11Protocol
 
 VAR = Path("var")
 DEV_ENV_FILE = VAR / "phivault.env"
@@ -59,6 +60,7 @@ def init(
 
 def _write_dev_instance() -> bool:
     VAR.mkdir(mode=0o700, exist_ok=True)
+    VAR.chmod(0o700)  # keys, certificate key and database: the owner's only
     if not (DEV_TLS_CERT.exists() and DEV_TLS_KEY.exists()):
         write_self_signed_certificate(DEV_TLS_CERT, DEV_TLS_KEY)
     if DEV_ENV_FILE.exists():
@@ -125,7 +127,7 @@ def serve(
     config = uvicorn.Config(
         "phivault.web.app:app_from_environment", factory=True, host=host, port=port,
         workers=workers, proxy_headers=False, server_header=False, date_header=True,
-        access_log=False, log_config=None, timeout_keep_alive=5,
+        access_log=False, log_config=None, timeout_keep_alive=5, http=DeadlineH11Protocol,
         timeout_graceful_shutdown=30, limit_concurrency=2048, backlog=2048,
         h11_max_incomplete_event_size=16 * 1024, **options,
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 from typing import Annotated
 
 import typer
@@ -65,25 +67,34 @@ def rewrap(
     while the server serves. Exits 0 when every data key is under the active master key.
     """
 
-    async def work(runtime: Runtime) -> int:
+    async def work(runtime: Runtime) -> tuple[int, int]:
         async with runtime.sessions() as session:
             total = await service.count_to_rewrap(session, runtime.envelope)
-        done = 0
+        done, failed = 0, set[uuid.UUID]()
         with progress("rewrap", total) as report:
             while True:
                 async with runtime.unit_of_work() as session:
-                    count = await service.rewrap_batch(session, runtime.envelope, batch_size)
-                if not count:
+                    batch = await service.rewrap_batch(session, runtime.envelope, batch_size,
+                                                       failed)
+                failed.update(batch.failed)
+                if batch.rewritten or batch.failed:
+                    done += batch.rewritten
+                    report.advance(batch.rewritten + len(batch.failed))
+                elif batch.locked:
+                    await asyncio.sleep(0.2)  # another rewrap holds rows; wait for it
+                else:
                     break
-                done += count
-                report.advance(count)
         async with runtime.unit_of_work() as session:
             audit.record(session, Action.KEY_REWRAP,
-                         metadata={"rewrapped": done, "active": runtime.envelope.ring.active_id})
+                         metadata={"rewrapped": done, "failed": len(failed),
+                                   "active": runtime.envelope.ring.active_id})
         async with runtime.sessions() as session:
-            return await service.count_to_rewrap(session, runtime.envelope)
+            return await service.count_to_rewrap(session, runtime.envelope), len(failed)
 
-    left = run_with_runtime("keys-rewrap", work)
+    left, failed = run_with_runtime("keys-rewrap", work)
+    if failed:
+        fail(f"{failed} data keys failed their integrity check and were left as they are "
+             "(their data cannot be read); the others are re-wrapped")
     if left:
         fail(f"{left} data keys are still under a master key that is not in "
              "PHIVAULT_MASTER_KEYS; see `phivault keys status`")

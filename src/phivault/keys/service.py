@@ -14,7 +14,8 @@ wrap, both of which open while the old master key is still in the ring.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -44,6 +45,11 @@ class RowCipher:
     @property
     def data_key_id(self) -> uuid.UUID:
         return self._key.id
+
+    @property
+    def data_key(self) -> DataKey:
+        """The row's data key, for the streaming recipe (attachments)."""
+        return self._key
 
     def seal(self, column: str, value: str) -> bytes:
         return self._envelope.seal_text(self._key, self.table, column, self.row_id, value)
@@ -109,32 +115,50 @@ async def key_status(session: AsyncSession, envelope: Envelope) -> KeyStatus:
     return KeyStatus(ring.active_id, dict(sorted(deks.items())), unknown, warnings)
 
 
-async def count_to_rewrap(session: AsyncSession, envelope: Envelope) -> int:
-    return int((await session.execute(
-        select(func.count()).select_from(DataKeyRow)
-        .where(DataKeyRow.kek_id != envelope.ring.active_id)
-    )).scalar_one())
+async def count_to_rewrap(session: AsyncSession, envelope: Envelope,
+                          skip: Collection[uuid.UUID] = ()) -> int:
+    """Data keys whose row says another master key than the active one (and not in `skip`)."""
+    query = select(func.count()).select_from(DataKeyRow).where(
+        DataKeyRow.kek_id != envelope.ring.active_id)
+    if skip:
+        query = query.where(DataKeyRow.id.not_in(list(skip)))
+    return int((await session.execute(query)).scalar_one())
 
 
-async def rewrap_batch(session: AsyncSession, envelope: Envelope, batch_size: int) -> int:
+@dataclass(slots=True)
+class RewrapBatch:
+    rewritten: int = 0  # rows now under the active key (re-wrapped, or their kek_id repaired)
+    failed: list[uuid.UUID] = field(default_factory=list)  # keys that do not unwrap
+    locked: bool = False  # rows another rewrap holds right now
+
+
+async def rewrap_batch(session: AsyncSession, envelope: Envelope, batch_size: int,
+                       skip: Collection[uuid.UUID] = ()) -> RewrapBatch:
     """Re-wrap up to `batch_size` data keys under the active master key, in `session`'s
-    transaction (the caller commits). Returns how many were re-wrapped; 0 means done.
+    transaction (the caller commits).
 
-    Keys whose master key is not in the ring are skipped (and reported by `key_status`): they
-    cannot be re-wrapped, and must not stop the others.
+    Only keys whose master key is in the ring are taken (the others are reported by
+    `key_status`). A key that fails to unwrap is reported in `failed`, left as it is, and must
+    be passed back in `skip`, so that one damaged row never stops the rest. A row whose
+    `kek_id` disagrees with its authenticated header is repaired from the header. Rows locked by
+    a concurrent rewrap (PostgreSQL) are skipped, and `locked` says some may remain.
     """
     ring = envelope.ring
-    rows = (await session.execute(
-        select(DataKeyRow.id, DataKeyRow.wrapped)
-        .where(DataKeyRow.kek_id != ring.active_id, DataKeyRow.kek_id.in_(ring.ids))
-        .order_by(DataKeyRow.id).limit(batch_size)
-        .with_for_update(skip_locked=True)
-    )).all()
+    query = (select(DataKeyRow.id, DataKeyRow.wrapped)
+             .where(DataKeyRow.kek_id != ring.active_id, DataKeyRow.kek_id.in_(ring.ids))
+             .order_by(DataKeyRow.id).limit(batch_size).with_for_update(skip_locked=True))
+    if skip:
+        query = query.where(DataKeyRow.id.not_in(list(skip)))
+    rows = (await session.execute(query)).all()
+    result = RewrapBatch()
     updates = []
     for dek_id, wrapped in rows:
-        new = envelope.rewrap(dek_id, wrapped)
-        if new is not None:
-            updates.append({"b_id": dek_id, "b_wrapped": new})
+        try:
+            new = envelope.rewrap(dek_id, wrapped)
+        except IntegrityError:
+            result.failed.append(dek_id)
+            continue
+        updates.append({"b_id": dek_id, "b_wrapped": wrapped if new is None else new})
     if updates:
         await session.execute(
             update(DataKeyRow.__table__)  # type: ignore[arg-type]
@@ -142,4 +166,11 @@ async def rewrap_batch(session: AsyncSession, envelope: Envelope, batch_size: in
             .values(wrapped=bindparam("b_wrapped"), kek_id=ring.active_id),
             updates,
         )
-    return len(rows)
+    result.rewritten = len(updates)
+    if not rows:
+        remaining = await count_to_rewrap(session, envelope, skip)
+        unknown = int((await session.execute(
+            select(func.count()).select_from(DataKeyRow)
+            .where(DataKeyRow.kek_id.not_in(ring.ids)))).scalar_one())
+        result.locked = remaining > unknown
+    return result

@@ -11,8 +11,10 @@ from phivault import __version__
 from phivault.audit.api import router as audit_router
 from phivault.auth import admin_api
 from phivault.auth.api import auth, me, well_known
+from phivault.clinical.api import router as clinical_router
 from phivault.config import Settings, load_settings
 from phivault.observability import configure_logging
+from phivault.privacy.api import router as privacy_router
 from phivault.runtime import Runtime
 from phivault.web import docs, errors, health
 from phivault.web.middleware import RequestGuardMiddleware
@@ -48,7 +50,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     errors.install(app)
 
     api = APIRouter(prefix=API_PREFIX)
-    for router in (auth, me, admin_api.users, admin_api.doctors, audit_router):
+    for router in (auth, me, privacy_router, admin_api.users, admin_api.doctors,
+                   clinical_router, audit_router):
         api.include_router(router)
     app.include_router(api)
     app.include_router(health.router)

@@ -7,6 +7,7 @@ it, passwords included). A 500 carries only the request id.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,10 +28,13 @@ STATUS_OF: dict[type[errors.PhivaultError], int] = {
     errors.MfaRequired: 401,
     errors.MfaEnrollmentRequired: 403,
     errors.Forbidden: 403,
+    errors.NoCareRelationship: 403,
+    errors.NoConsent: 403,
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.WeakPassword: 422,
     errors.InvalidRequest: 422,
+    errors.UnsupportedMedia: 415,
     errors.RateLimited: 429,
 }
 
@@ -75,13 +79,30 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorBody, "description": FRAMEWORK_CODES[s][1]} for s in statuses}
 
 
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# Messages of these error types quote part of the input ("found `P` at 0"): say it plainly.
+_PLAIN_MESSAGES = {
+    "uuid_parsing": "must be a UUID", "uuid_type": "must be a UUID",
+    "int_parsing": "must be an integer", "float_parsing": "must be a number",
+    "extra_forbidden": "is not a field of this request",
+    "json_invalid": "is not valid JSON",
+}
+
+
 def _field_problems(exc: RequestValidationError) -> list[dict[str, str]]:
+    """Each bad field and what is wrong with it, never the submitted value: `input` and `ctx`
+    are dropped, messages that quote input are replaced, and a key the client invented (an
+    unknown field) is named only when it looks like a field name."""
     problems = []
     for error in exc.errors():
-        location = ".".join(str(part) for part in error.get("loc", ()))
-        # `msg` is pydantic's description of the rule ("String should have at most 128
-        # characters"), which never contains the input; `input` and `ctx` are dropped.
-        problems.append({"field": location, "problem": str(error.get("msg", "invalid"))})
+        parts = [str(part) for part in error.get("loc", ())]
+        if error.get("type") == "extra_forbidden" and parts and not _FIELD_NAME.match(parts[-1]):
+            parts[-1] = "(unknown field)"
+        kind = str(error.get("type", ""))
+        message = _PLAIN_MESSAGES.get(kind) or str(error.get("msg", "invalid"))
+        if "`" in message:
+            message = "is invalid"
+        problems.append({"field": ".".join(parts), "problem": message})
     return problems
 
 

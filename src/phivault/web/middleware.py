@@ -21,7 +21,14 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phivault.observability import get_logger
-from phivault.request_context import RequestContext, new_request_id, reset_request, set_request
+from phivault.request_context import (
+    RequestContext,
+    new_request_id,
+    reset_actor,
+    reset_request,
+    restore_actor,
+    set_request,
+)
 from phivault.web.errors import framework_error
 
 log = get_logger("phivault.access")
@@ -31,6 +38,10 @@ MAX_UPLOAD = 25 * 1024 * 1024
 # Routes that take uploads get the larger cap; everything else gets MAX_BODY.
 UPLOAD_ROUTES = (re.compile(r"^/api/v1/patients/[^/]+/attachments/?$"),)
 BODY_CHUNK_TIMEOUT = 30.0
+# The whole body must arrive within a deadline that allows a slow but honest client
+# (64 KiB/s) plus a margin: about 46 s for 1 MiB, 7 minutes for 25 MiB.
+BODY_MIN_RATE = 64 * 1024
+BODY_GRACE = 30.0
 
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
 SECURITY_HEADERS = (
@@ -63,16 +74,20 @@ def client_address(scope: Scope, trusted: Sequence[Network]) -> str | None:
     address: str | None = str(peer[0]) if peer else None
     if not trusted or address is None or not _is_trusted(address, trusted):
         return address
-    forwarded = Headers(scope=scope).get("x-forwarded-for")
-    if not forwarded:
+    # Every X-Forwarded-For line counts (a proxy may append its own line), in order.
+    lines = Headers(scope=scope).getlist("x-forwarded-for")
+    hops = [h.strip() for line in lines for h in line.split(",")]
+    if not hops:
         return address
-    for hop in reversed([h.strip() for h in forwarded.split(",")]):
+    for hop in reversed(hops):
         try:
-            ipaddress.ip_address(hop)
+            ip = ipaddress.ip_address(hop)
         except ValueError:
             return address  # A malformed chain is not believed at all.
-        if not _is_trusted(hop, trusted):
-            return hop
+        if getattr(ip, "scope_id", None):
+            return address  # Scoped IPv6 (fe80::1%eth0) is no client address.
+        if not _is_trusted(str(ip), trusted):
+            return str(ip)  # Normalised: at most 39 characters.
     return address
 
 
@@ -106,6 +121,7 @@ class RequestGuardMiddleware:
             user_agent=(headers.get("user-agent") or "")[:256] or None,
         )
         token = set_request(ctx)
+        actor_token = reset_actor()
         structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
         state: dict[str, Any] = {"started": False, "status": 500, "replaced": None}
         limit = body_limit(path)
@@ -128,8 +144,10 @@ class RequestGuardMiddleware:
 
         declared = headers.get("content-length")
         try:
-            if declared is not None and (not declared.isdigit() or int(declared) > limit):
-                status = 413 if declared.isdigit() else 400
+            well_formed = declared is not None and declared.isascii() and declared.isdigit() \
+                and len(declared) <= 18
+            if declared is not None and (not well_formed or int(declared) > limit):
+                status = 413 if well_formed else 400
                 await _send_json(send, status, ctx.request_id, path)
                 state.update(started=True, status=status)
                 return
@@ -147,12 +165,14 @@ class RequestGuardMiddleware:
                      duration_ms=round((time.perf_counter() - started) * 1000, 2),
                      ip=ctx.ip)
             structlog.contextvars.unbind_contextvars("request_id")
+            restore_actor(actor_token)
             reset_request(token)
 
 
 def _limited_receive(receive: Receive, limit: int, state: dict[str, Any]) -> Receive:
     received = 0
     body_done = False
+    deadline = time.monotonic() + BODY_GRACE + limit / BODY_MIN_RATE
 
     async def wrapped() -> Message:
         nonlocal received, body_done
@@ -160,8 +180,11 @@ def _limited_receive(receive: Receive, limit: int, state: dict[str, Any]) -> Rec
             # After the body, receive() only waits for the client to go away (streaming
             # responses listen for that for as long as they stream): no deadline then.
             return await receive()
+        timeout = min(BODY_CHUNK_TIMEOUT, deadline - time.monotonic())
         try:
-            message = await asyncio.wait_for(receive(), timeout=BODY_CHUNK_TIMEOUT)
+            if timeout <= 0:
+                raise TimeoutError
+            message = await asyncio.wait_for(receive(), timeout=timeout)
         except TimeoutError:
             state["replaced"] = 408
             raise _BodyTooSlow() from None

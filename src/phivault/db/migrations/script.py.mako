@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from phivault.db.base import UTCDateTime  # noqa: F401 - autogenerate renders it
+from phivault.db.base import UTCDateTime  # noqa: F401 - autogenerate may render it
 ${imports if imports else ""}
 
 revision = ${repr(up_revision)}

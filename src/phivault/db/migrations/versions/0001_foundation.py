@@ -70,6 +70,7 @@ def upgrade() -> None:
         sa.Column("hash", sa.LargeBinary(32), nullable=False),
         sa.CheckConstraint("outcome IN ('success', 'denied', 'error')",
                            name=op.f("ck_audit_events_outcome")),
+        sa.CheckConstraint("seq >= 1", name=op.f("ck_audit_events_seq_positive")),
         sa.PrimaryKeyConstraint("seq", name=op.f("pk_audit_events")),
     )
     for column in ("at", "actor_id", "action", "patient_id"):

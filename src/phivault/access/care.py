@@ -1,0 +1,99 @@
+"""Who may see and change a patient's chart (SPEC §7).
+
+A patient: their own data only; another patient's is `not_found` (they may not even learn it
+exists). A doctor: a patient with whom a care relationship exists (a consultation `scheduled`
+or `completed` between them) AND whose current consent has `data_sharing = true`; or, for
+reading only, a patient for whom the doctor holds an active break-glass grant, whatever the
+relationship or consent. Every other role: `forbidden`. Every denial writes `ACCESS_DENIED`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from enum import StrEnum
+
+from sqlalchemy import exists, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from phivault.access.permissions import Role
+from phivault.audit import service as audit
+from phivault.audit.actions import Action, Outcome
+from phivault.auth.models import User
+from phivault.auth.tokens import AccessClaims
+from phivault.clinical.models import BreakGlassGrant, Consultation
+from phivault.db.base import utcnow
+from phivault.errors import Forbidden, NoCareRelationship, NoConsent, NotFound
+from phivault.privacy.models import Consent
+
+CARE_STATUSES = ("scheduled", "completed")
+BREAK_GLASS_MINUTES = 60
+
+
+class Basis(StrEnum):
+    """Why access was granted; `break_glass` marks the access in the patient's access log."""
+
+    SELF = "self"
+    CARE = "care"
+    BREAK_GLASS = "break_glass"
+
+
+async def has_care_relationship(session: AsyncSession, doctor_id: uuid.UUID,
+                                patient_id: uuid.UUID) -> bool:
+    return bool((await session.execute(select(exists().where(
+        Consultation.doctor_id == doctor_id, Consultation.patient_id == patient_id,
+        Consultation.status.in_(CARE_STATUSES))))).scalar())
+
+
+async def shares_data(session: AsyncSession, patient_id: uuid.UUID) -> bool:
+    """The patient's current (newest) consent allows data sharing."""
+    current = (await session.execute(
+        select(Consent.data_sharing).where(Consent.patient_id == patient_id)
+        .order_by(Consent.consent_date.desc(), Consent.id.desc()).limit(1))).scalar_one_or_none()
+    return bool(current)
+
+
+async def active_break_glass(session: AsyncSession, doctor_id: uuid.UUID,
+                             patient_id: uuid.UUID) -> bool:
+    return bool((await session.execute(select(exists().where(
+        BreakGlassGrant.doctor_id == doctor_id, BreakGlassGrant.patient_id == patient_id,
+        BreakGlassGrant.expires_at > utcnow())))).scalar())
+
+
+async def is_patient(session: AsyncSession, patient_id: uuid.UUID) -> bool:
+    return bool((await session.execute(select(exists().where(
+        User.id == patient_id, User.role == Role.PATIENT)))).scalar())
+
+
+def deny(session: AsyncSession, error: Exception, patient_id: uuid.UUID | None,
+         resource_type: str, reason: str) -> Exception:
+    audit.record(session, Action.ACCESS_DENIED, outcome=Outcome.DENIED,
+                 resource_type=resource_type, patient_id=patient_id,
+                 metadata={"reason": reason})
+    return error
+
+
+async def require_chart_access(session: AsyncSession, claims: AccessClaims,
+                               patient_id: uuid.UUID, *, write: bool,
+                               resource_type: str) -> Basis:
+    """Raise unless the caller may read (or, with `write`, change) the patient's chart."""
+    if claims.role == Role.PATIENT:
+        if claims.user_id == patient_id:
+            return Basis.SELF
+        raise deny(session, NotFound(), None, resource_type, "other_patient")
+    if claims.role != Role.DOCTOR:
+        raise deny(session, Forbidden(), patient_id, resource_type, "role")
+    if not await is_patient(session, patient_id):
+        raise deny(session, NotFound(), None, resource_type, "no_such_patient")
+    if not write and await active_break_glass(session, claims.user_id, patient_id):
+        return Basis.BREAK_GLASS
+    if not await has_care_relationship(session, claims.user_id, patient_id):
+        raise deny(session, NoCareRelationship(), patient_id, resource_type,
+                   "no_care_relationship")
+    if not await shares_data(session, patient_id):
+        raise deny(session, NoConsent(), patient_id, resource_type, "no_consent")
+    return Basis.CARE
+
+
+def break_glass_window() -> timedelta:
+    return timedelta(minutes=BREAK_GLASS_MINUTES)

@@ -1,0 +1,208 @@
+"""Medical records (versioned: an amendment adds a version, none is ever overwritten) and
+prescriptions. Every read and write passes `require_chart_access` and is audited; reads made
+under break-glass say so in their audit event."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from phivault.access.care import Basis, deny, require_chart_access
+from phivault.audit import service as audit
+from phivault.audit.actions import Action
+from phivault.auth.tokens import AccessClaims
+from phivault.clinical.models import MedicalRecord, MedicalRecordVersion, Prescription
+from phivault.clinical.schemas import (
+    PrescriptionCreate,
+    PrescriptionView,
+    RecordAmend,
+    RecordCreate,
+    RecordView,
+)
+from phivault.crypto.envelope import Envelope
+from phivault.db.base import utcnow
+from phivault.errors import InvalidRequest, NotFound
+from phivault.keys.service import new_row_cipher, row_cipher
+
+VERSIONS = "medical_record_versions"
+PRESCRIPTIONS = "prescriptions"
+
+
+def basis_metadata(basis: Basis) -> dict[str, str | bool]:
+    return {"basis": str(basis), "break_glass": basis is Basis.BREAK_GLASS}
+
+
+def _seal_version(session: AsyncSession, envelope: Envelope, record: MedicalRecord,
+                  version: int, author: uuid.UUID, diagnosis: str, prescriptions: list[str],
+                  notes: str | None) -> MedicalRecordVersion:
+    row_id = uuid.uuid4()
+    cipher = new_row_cipher(session, envelope, VERSIONS, row_id)
+    row = MedicalRecordVersion(
+        id=row_id, record_id=record.id, version=version, author_id=author,
+        data_key_id=cipher.data_key_id, diagnosis=cipher.seal("diagnosis", diagnosis),
+        prescriptions=cipher.seal("prescriptions", json.dumps(prescriptions)),
+        notes=cipher.seal_optional("notes", notes), created_at=utcnow())
+    session.add(row)
+    return row
+
+
+async def _open_version(session: AsyncSession, envelope: Envelope, record: MedicalRecord,
+                        row: MedicalRecordVersion) -> RecordView:
+    cipher = await row_cipher(session, envelope, VERSIONS, row.id, row.data_key_id)
+    prescriptions = json.loads(cipher.open("prescriptions", row.prescriptions))
+    return RecordView(id=record.id, patient_id=record.patient_id, author_id=row.author_id,
+                      version=row.version, diagnosis=cipher.open("diagnosis", row.diagnosis),
+                      prescriptions=prescriptions, notes=cipher.open_optional("notes", row.notes),
+                      created_at=record.created_at, updated_at=row.created_at)
+
+
+async def create_record(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
+                        patient_id: uuid.UUID, body: RecordCreate) -> RecordView:
+    basis = await require_chart_access(session, claims, patient_id, write=True,
+                                       resource_type="medical_record")
+    now = utcnow()
+    record = MedicalRecord(id=uuid.uuid4(), patient_id=patient_id, author_id=claims.user_id,
+                           latest_version=1, created_at=now, updated_at=now)
+    session.add(record)
+    await session.flush()
+    row = _seal_version(session, envelope, record, 1, claims.user_id, body.diagnosis,
+                        body.prescriptions, body.notes)
+    audit.record(session, Action.CREATE_MEDICAL_RECORD, resource_type="medical_record",
+                 resource_id=record.id, patient_id=patient_id,
+                 metadata={"version": 1, **basis_metadata(basis)})
+    return await _open_version(session, envelope, record, row)
+
+
+async def _latest(session: AsyncSession, record: MedicalRecord) -> MedicalRecordVersion:
+    return (await session.execute(select(MedicalRecordVersion).where(
+        MedicalRecordVersion.record_id == record.id,
+        MedicalRecordVersion.version == record.latest_version))).scalar_one()
+
+
+async def _record_for(session: AsyncSession, claims: AccessClaims, record_id: uuid.UUID,
+                      *, write: bool) -> tuple[MedicalRecord, Basis]:
+    record = await session.get(MedicalRecord, record_id, with_for_update=write)
+    if record is None:
+        # The same answer a patient gets for another patient's record: ids reveal nothing.
+        raise deny(session, NotFound(), None, "medical_record", "no_such_record")
+    basis = await require_chart_access(session, claims, record.patient_id, write=write,
+                                       resource_type="medical_record")
+    return record, basis
+
+
+async def list_records(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
+                       patient_id: uuid.UUID, limit: int,
+                       offset: int) -> tuple[list[RecordView], int]:
+    """The latest version of each of the patient's records."""
+    basis = await require_chart_access(session, claims, patient_id, write=False,
+                                       resource_type="medical_record")
+    where = MedicalRecord.patient_id == patient_id
+    total = int((await session.execute(
+        select(func.count()).select_from(MedicalRecord).where(where))).scalar_one())
+    pairs = (await session.execute(
+        select(MedicalRecord, MedicalRecordVersion)
+        .join(MedicalRecordVersion, (MedicalRecordVersion.record_id == MedicalRecord.id)
+              & (MedicalRecordVersion.version == MedicalRecord.latest_version))
+        .where(where).order_by(MedicalRecord.created_at.desc(), MedicalRecord.id)
+        .limit(limit).offset(offset))).all()
+    views = [await _open_version(session, envelope, record, row) for record, row in pairs]
+    for view in views:
+        audit.record(session, Action.VIEW_MEDICAL_RECORD, resource_type="medical_record",
+                     resource_id=view.id, patient_id=patient_id,
+                     metadata={"version": view.version, **basis_metadata(basis)})
+    return views, total
+
+
+async def read_record(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
+                      record_id: uuid.UUID) -> RecordView:
+    record, basis = await _record_for(session, claims, record_id, write=False)
+    view = await _open_version(session, envelope, record, await _latest(session, record))
+    audit.record(session, Action.VIEW_MEDICAL_RECORD, resource_type="medical_record",
+                 resource_id=record.id, patient_id=record.patient_id,
+                 metadata={"version": view.version, **basis_metadata(basis)})
+    return view
+
+
+async def versions(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
+                   record_id: uuid.UUID) -> list[RecordView]:
+    record, basis = await _record_for(session, claims, record_id, write=False)
+    rows = (await session.execute(select(MedicalRecordVersion).where(
+        MedicalRecordVersion.record_id == record.id).order_by(MedicalRecordVersion.version))
+    ).scalars().all()
+    views = [await _open_version(session, envelope, record, row) for row in rows]
+    audit.record(session, Action.VIEW_MEDICAL_RECORD, resource_type="medical_record",
+                 resource_id=record.id, patient_id=record.patient_id,
+                 metadata={"versions": len(views), **basis_metadata(basis)})
+    return views
+
+
+async def amend(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
+                record_id: uuid.UUID, body: RecordAmend) -> RecordView:
+    """A new version: fields not sent carry over from the latest one."""
+    if body.diagnosis is None and body.prescriptions is None and body.notes is None:
+        raise InvalidRequest("Send at least one of diagnosis, prescriptions and notes.")
+    record, basis = await _record_for(session, claims, record_id, write=True)
+    latest = await _open_version(session, envelope, record, await _latest(session, record))
+    version = record.latest_version + 1
+    row = _seal_version(
+        session, envelope, record, version, claims.user_id,
+        body.diagnosis if body.diagnosis is not None else latest.diagnosis,
+        body.prescriptions if body.prescriptions is not None else latest.prescriptions,
+        body.notes if body.notes is not None else latest.notes)
+    record.latest_version = version
+    record.updated_at = row.created_at
+    audit.record(session, Action.UPDATE_MEDICAL_RECORD, resource_type="medical_record",
+                 resource_id=record.id, patient_id=record.patient_id,
+                 metadata={"version": version, **basis_metadata(basis)})
+    return await _open_version(session, envelope, record, row)
+
+
+# Prescriptions.
+
+async def _open_prescription(session: AsyncSession, envelope: Envelope,
+                             row: Prescription) -> PrescriptionView:
+    cipher = await row_cipher(session, envelope, PRESCRIPTIONS, row.id, row.data_key_id)
+    return PrescriptionView(id=row.id, patient_id=row.patient_id, doctor_id=row.doctor_id,
+                            medication=cipher.open("medication", row.medication),
+                            dosage=cipher.open("dosage", row.dosage),
+                            instructions=cipher.open("instructions", row.instructions),
+                            created_at=row.created_at)
+
+
+async def prescribe(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
+                    patient_id: uuid.UUID, body: PrescriptionCreate) -> PrescriptionView:
+    basis = await require_chart_access(session, claims, patient_id, write=True,
+                                       resource_type="prescription")
+    row_id = uuid.uuid4()
+    cipher = new_row_cipher(session, envelope, PRESCRIPTIONS, row_id)
+    row = Prescription(id=row_id, patient_id=patient_id, doctor_id=claims.user_id,
+                       data_key_id=cipher.data_key_id,
+                       medication=cipher.seal("medication", body.medication),
+                       dosage=cipher.seal("dosage", body.dosage),
+                       instructions=cipher.seal("instructions", body.instructions),
+                       created_at=utcnow())
+    session.add(row)
+    audit.record(session, Action.CREATE_PRESCRIPTION, resource_type="prescription",
+                 resource_id=row_id, patient_id=patient_id, metadata=basis_metadata(basis))
+    return await _open_prescription(session, envelope, row)
+
+
+async def list_prescriptions(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
+                             patient_id: uuid.UUID, limit: int,
+                             offset: int) -> tuple[list[PrescriptionView], int]:
+    basis = await require_chart_access(session, claims, patient_id, write=False,
+                                       resource_type="prescription")
+    where = Prescription.patient_id == patient_id
+    total = int((await session.execute(
+        select(func.count()).select_from(Prescription).where(where))).scalar_one())
+    rows = (await session.execute(select(Prescription).where(where)
+                                  .order_by(Prescription.created_at.desc(), Prescription.id)
+                                  .limit(limit).offset(offset))).scalars().all()
+    views = [await _open_prescription(session, envelope, row) for row in rows]
+    for view in views:
+        audit.record(session, Action.VIEW_PRESCRIPTION, resource_type="prescription",
+                     resource_id=view.id, patient_id=patient_id, metadata=basis_metadata(basis))
+    return views, total

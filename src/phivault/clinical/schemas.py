@@ -1,0 +1,163 @@
+"""Request and response models of the clinical routes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, Field, StringConstraints
+
+from phivault.schemas import RequestModel, UUIDText
+
+ConsultationStatus = Literal["proposed", "scheduled", "completed", "cancelled"]
+ClinicalText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
+                                                max_length=10_000)]
+ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
+                                             max_length=500)]
+PrescriptionLine = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
+                                                    max_length=500)]
+Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
+                                          max_length=2_000)]
+
+
+def _iso_datetime(value: object) -> object:
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 date-time with a time zone")
+    return value
+
+
+# An aware date-time given as an ISO 8601 string (strict models refuse strings otherwise).
+When = Annotated[AwareDatetime, Field(strict=False), BeforeValidator(_iso_datetime)]
+
+
+class PatientBooking(RequestModel):
+    """A patient books a doctor."""
+
+    doctor_id: UUIDText
+    scheduled_at: When
+    reason: Reason
+
+
+class DoctorProposal(RequestModel):
+    """A doctor schedules (existing patient) or proposes (new patient) a consultation."""
+
+    patient_id: UUIDText
+    scheduled_at: When
+    reason: Reason
+
+
+class ConsultationUpdate(RequestModel):
+    status: ConsultationStatus | None = None
+    scheduled_at: When | None = None
+    notes: ClinicalText | None = None
+
+
+class ConsultationView(BaseModel):
+    id: uuid.UUID
+    patient_id: uuid.UUID
+    doctor_id: uuid.UUID
+    scheduled_at: datetime
+    status: str
+    reason: str
+    notes: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class PatientListItem(BaseModel):
+    id: uuid.UUID
+    full_name: str | None
+    birth_year: int | None
+
+
+class RecordCreate(RequestModel):
+    diagnosis: ClinicalText
+    prescriptions: list[PrescriptionLine] = Field(max_length=50)
+    notes: ClinicalText | None = None
+
+
+class RecordAmend(RequestModel):
+    diagnosis: ClinicalText | None = None
+    prescriptions: list[PrescriptionLine] | None = Field(default=None, max_length=50)
+    notes: ClinicalText | None = None
+
+
+class RecordView(BaseModel):
+    id: uuid.UUID
+    patient_id: uuid.UUID
+    author_id: uuid.UUID
+    version: int
+    diagnosis: str
+    prescriptions: list[str]
+    notes: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class PrescriptionCreate(RequestModel):
+    medication: ShortText
+    dosage: ShortText
+    instructions: ClinicalText
+
+
+class PrescriptionView(BaseModel):
+    id: uuid.UUID
+    patient_id: uuid.UUID
+    doctor_id: uuid.UUID
+    medication: str
+    dosage: str
+    instructions: str
+    created_at: datetime
+
+
+class AttachmentView(BaseModel):
+    id: uuid.UUID
+    patient_id: uuid.UUID
+    uploader_id: uuid.UUID
+    filename: str
+    content_type: str
+    size: int
+    created_at: datetime
+
+
+Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+ProviderReference = Annotated[str, StringConstraints(min_length=1, max_length=128,
+                                                     pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+class PaymentCreate(RequestModel):
+    """Amount in minor units (cents). Only these fields: anything else, card data included,
+    is refused with 422."""
+
+    amount: int = Field(ge=1, le=100_000_000)
+    currency: Currency
+    provider_reference: ProviderReference
+
+
+class PaymentView(BaseModel):
+    id: uuid.UUID
+    patient_id: uuid.UUID
+    consultation_id: uuid.UUID
+    amount: int
+    currency: str
+    status: str
+    provider_reference: str
+    created_at: datetime
+
+
+class BreakGlassRequest(RequestModel):
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=20,
+                                             max_length=1000)]
+
+
+class BreakGlassAnswer(BaseModel):
+    expires_at: datetime
+
+
+class NotificationView(BaseModel):
+    id: uuid.UUID
+    kind: str
+    text: str
+    created_at: datetime
+    read_at: datetime | None

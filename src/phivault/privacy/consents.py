@@ -1,0 +1,67 @@
+"""Consents: the current choice and its append-only history (SPEC §9)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from pydantic import BaseModel, StrictBool
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from phivault.audit import service as audit
+from phivault.audit.actions import Action
+from phivault.db.base import utcnow
+from phivault.errors import NotFound
+from phivault.privacy.models import Consent
+from phivault.schemas import RequestModel
+
+
+class ConsentChoice(RequestModel):
+    marketing: StrictBool
+    data_sharing: StrictBool
+    analytics: StrictBool
+
+
+class ConsentView(BaseModel):
+    marketing: bool
+    data_sharing: bool
+    analytics: bool
+    consent_date: datetime
+
+
+def _view(row: Consent) -> ConsentView:
+    return ConsentView(marketing=row.marketing, data_sharing=row.data_sharing,
+                       analytics=row.analytics, consent_date=row.consent_date)
+
+
+async def current(session: AsyncSession, patient_id: uuid.UUID) -> ConsentView:
+    row = (await session.execute(select(Consent).where(Consent.patient_id == patient_id)
+                                 .order_by(Consent.consent_date.desc(), Consent.id.desc())
+                                 .limit(1))).scalar_one_or_none()
+    if row is None:
+        raise NotFound()
+    audit.record(session, Action.VIEW_CONSENT, resource_type="consent", patient_id=patient_id)
+    return _view(row)
+
+
+async def history(session: AsyncSession, patient_id: uuid.UUID) -> list[ConsentView]:
+    rows = (await session.execute(select(Consent).where(Consent.patient_id == patient_id)
+                                  .order_by(Consent.consent_date, Consent.id))).scalars().all()
+    audit.record(session, Action.VIEW_CONSENT, resource_type="consent", patient_id=patient_id,
+                 metadata={"history": True})
+    return [_view(row) for row in rows]
+
+
+async def change(session: AsyncSession, patient_id: uuid.UUID,
+                 choice: ConsentChoice) -> ConsentView:
+    """A new version of the consents; earlier ones stay, as history."""
+    row = Consent(id=uuid.uuid4(), patient_id=patient_id, marketing=choice.marketing,
+                  data_sharing=choice.data_sharing, analytics=choice.analytics,
+                  consent_date=utcnow())
+    session.add(row)
+    audit.record(session, Action.CONSENT_CHANGED, resource_type="consent",
+                 resource_id=row.id, patient_id=patient_id,
+                 metadata={"marketing": choice.marketing, "data_sharing": choice.data_sharing,
+                           "analytics": choice.analytics})
+    return _view(row)

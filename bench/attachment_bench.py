@@ -228,7 +228,8 @@ async def child(size: int, mode: str, database_url: str) -> dict[str, Any]:
                 "ru_maxrss_before_upload_kib": maxrss_before,
                 "ru_maxrss_after_upload_kib": maxrss_after,
                 "ru_maxrss_growth_kib": maxrss_after - maxrss_before,
-                "peak_over_rss_before_kib": maxrss_after - rss_before,
+                # ru_maxrss can lag the current RSS by a few pages: never below zero.
+                "peak_over_rss_before_kib": max(0, maxrss_after - rss_before),
                 "sha256_checked": hashlib.sha256(got.content).hexdigest()[:16],
             })
             if traced_peak is not None:
@@ -317,6 +318,10 @@ def summarise(uploads: dict[str, Any]) -> dict[str, Any]:
     rss_small = max(small["rss"]["peak_over_rss_before_kib"], 1)
     rss_big = max(big["rss"]["peak_over_rss_before_kib"], 1)
     return {
+        "upload_sizes_bytes": {"1 MiB": small["rss"]["size"], "25 MiB": big["rss"]["size"]},
+        "ru_maxrss_kib": {"1 MiB": small["rss"]["ru_maxrss_after_upload_kib"],
+                          "25 MiB": big["rss"]["ru_maxrss_after_upload_kib"]},
+        "tracemalloc_peak_bytes": {"1 MiB": traced_small, "25 MiB": traced_big},
         "tracemalloc_peak_ratio_big_to_small": round(traced_big / traced_small, 2),
         "rss_peak_growth_kib": {"1 MiB": rss_small, "25 MiB": rss_big},
         "rss_peak_growth_ratio_big_to_small": round(rss_big / rss_small, 2),

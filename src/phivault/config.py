@@ -40,7 +40,8 @@ FIELD_ORDER = (
     "env", "database_url", "master_keys", "index_key", "audit_key", "jwt_keys", "tls_cert_file",
     "tls_key_file", "behind_proxy", "trusted_proxies", "redis_url", "access_token_ttl",
     "refresh_token_ttl", "auth_rate_limit", "lockout", "mfa_required_roles", "metrics_token",
-    "header_timeout", "redis_prefix", "argon2_memory_kib", "argon2_time_cost", "argon2_parallelism", "log_level",
+    "header_timeout", "redis_prefix", "argon2_memory_kib", "argon2_time_cost",
+    "argon2_parallelism", "log_level",
 )
 
 ROLES = ("patient", "doctor", "admin", "auditor")

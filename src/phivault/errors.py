@@ -108,6 +108,11 @@ class NoConsent(PhivaultError):
     detail = "The patient has not consented to share their data."
 
 
+class PayloadTooLarge(PhivaultError):
+    code = "payload_too_large"
+    detail = "The request body is too large."
+
+
 class UnsupportedMedia(PhivaultError):
     code = "unsupported_media_type"
     detail = "Attachments must be PDF, PNG, JPEG or DICOM, and their content must match."

@@ -13,7 +13,7 @@ from sqlalchemy import delete, func, select, update
 from phivault.audit.models import AuditEvent
 from phivault.clinical.models import Attachment, AttachmentSegment
 from phivault.runtime import Runtime
-from tests.clinical.world import API, MAGIC, events_of, expect, file_of, multipart, upload
+from tests.clinical.world import API, BOUNDARY, MAGIC, events_of, expect, file_of, multipart, upload
 from tests.factories import TestUser, signed_in
 
 KIB, MIB = 1024, 1024 * 1024
@@ -160,6 +160,15 @@ async def test_the_body_must_be_multipart(client: httpx.AsyncClient, runtime: Ru
     wrong_field = await client.post(url, headers={**patient.headers, "Content-Type": kind},
                                     content=body)
     expect(wrong_field, 422)
+    kind, one = multipart(file_of("image/png", 100))
+    closing = f"\r\n--{BOUNDARY}--\r\n".encode()
+    part = one.removesuffix(closing)
+    two_files = part + b"\r\n" + part + closing
+    expect(await client.post(url, headers={**patient.headers, "Content-Type": kind},
+                             content=two_files), 422)
+    _kind, nameless = multipart(file_of("image/png", 100), filename="")
+    expect(await client.post(url, headers={**patient.headers, "Content-Type": kind},
+                             content=nameless), 422)
     assert await stored_count(runtime, patient.id) == (0, 0)
 
 

@@ -17,6 +17,7 @@ from tests.clinical.world import (
     WHEN,
     book,
     break_glass,
+    events_of,
     expect,
     expire_break_glass,
     file_of,
@@ -311,3 +312,28 @@ async def test_a_disabled_doctor_cannot_be_booked(client: httpx.AsyncClient,
     expect(await client.post(f"{API}/consultations", headers=patient.headers, json={
         "doctor_id": str(doctor.id), "scheduled_at": WHEN, "reason": "Check-up"}),
         404, "not_found")
+
+
+async def test_refusals_inside_a_consultation_are_audited(client: httpx.AsyncClient,
+                                                          runtime: Runtime) -> None:
+    """SPEC §7: every denial writes an ACCESS_DENIED event, also a party's refused change."""
+    patient, doctor = await signed_in(runtime, "patient"), await signed_in(runtime, "doctor")
+    consultation = await book(client, patient, doctor)
+    proposal = await propose(client, await signed_in(runtime, "doctor"), patient)
+    refused = [
+        await client.patch(f"{API}/consultations/{consultation['id']}", headers=patient.headers,
+                           json={"notes": "I wrote this myself"}),
+        await client.patch(f"{API}/consultations/{consultation['id']}", headers=patient.headers,
+                           json={"status": "completed"}),
+        await client.patch(f"{API}/consultations/{proposal['id']}", headers=doctor.headers,
+                           json={"status": "cancelled"}),
+    ]
+    assert [r.status_code for r in refused] == [403, 403, 404]
+    found = await events_of(runtime, [r.headers["x-request-id"] for r in refused])
+    actors = [patient, patient, doctor]
+    labels = ["patient writes notes (403)", "patient completes (403)",
+              "doctor cancels another doctor's consultation (404)"]
+    missing = [label for label, r, actor in zip(labels, refused, actors, strict=True)
+               if ("ACCESS_DENIED", "denied", actor.id) not in
+               [(e.action, e.outcome, e.actor_id) for e in found[r.headers["x-request-id"]]]]
+    assert missing == []

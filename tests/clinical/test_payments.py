@@ -51,6 +51,12 @@ def test_every_luhn_valid_13_to_19_digit_number_is_a_card_number(body: str) -> N
     assert _looks_like_card_number(grouped)
 
 
+@given(st.integers(13, 19).flatmap(
+    lambda n: st.text("0123456789", min_size=n - 1, max_size=n - 1)))
+def test_a_card_number_inside_a_reference_is_found(body: str) -> None:
+    assert _looks_like_card_number(f"pi_{luhn_complete(body)}_x")
+
+
 async def consultation_of(client: httpx.AsyncClient, runtime: Runtime) -> tuple[
         TestUser, TestUser, str]:
     patient, doctor = await signed_in(runtime, "patient"), await signed_in(runtime, "doctor")

@@ -41,6 +41,7 @@ from phivault.clinical.models import PatientProfile
 from phivault.crypto.blind_index import BlindIndex
 from phivault.crypto.envelope import Envelope
 from phivault.db.base import utcnow
+from phivault.db.paging import fetch_page
 from phivault.errors import Conflict, EmailTaken, InvalidToken, NotFound, WeakPassword
 from phivault.keys.service import new_row_cipher, row_cipher
 from phivault.privacy.models import Consent
@@ -233,9 +234,8 @@ class Accounts:
 
     async def list_users(self, session: AsyncSession, limit: int,
                          offset: int) -> tuple[list[UserView], int]:
-        total = int((await session.execute(select(func.count()).select_from(User))).scalar_one())
-        users = (await session.execute(select(User).order_by(User.created_at, User.id)
-                                       .limit(limit).offset(offset))).scalars().all()
+        users, total = await fetch_page(session, select(User).order_by(User.created_at, User.id),
+                                        limit, offset)
         views = [await self._view(session, user) for user in users]
         audit.record(session, Action.VIEW_USERS, resource_type="user",
                      metadata={"count": len(views), "offset": offset})

@@ -43,9 +43,6 @@ class AuthLimits:
     async def fail_account(self, account: str) -> None:
         await self._limiter.hit(self.lockout, "lockout", account)
 
-    async def clear_account(self, account: str) -> None:
-        await self._limiter.clear(self.lockout, "lockout", account)
-
     async def _retry_after(self, item: RateLimitItem, *identifiers: str) -> int:
         stats = await self._limiter.get_window_stats(item, *identifiers)
         return max(1, math.ceil(stats.reset_time - time.time()))

@@ -109,7 +109,6 @@ class Authenticator:
                 await self._failed(session, account, user, "bad_totp")
         if self.passwords.needs_rehash(stored):
             user.password_hash = await self.passwords.hash(password)
-        await self.limits.clear_account(account)
         actor = Actor(user.id, user.role)
         if user.role in self.mfa_roles and not user.totp_enabled:
             enrollment = self._start_session(session, user, MFA_ENROLLMENT,

@@ -104,7 +104,8 @@ async def my_payments(claims: Patient, session: SessionDep, page: PageDep,
 async def my_notifications(claims: Anyone, runtime: RuntimeDep, session: SessionDep,
                            page: PageDep, response: Response) -> list[NotificationView]:
     views, total = await notifications.list_mine(session, runtime.envelope, claims.user_id,
-                                                 page.limit, page.offset)
+                                                 claims.role == Role.PATIENT, page.limit,
+                                                 page.offset)
     page.answer(response, total)
     return views
 

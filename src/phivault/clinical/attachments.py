@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from phivault.access.care import Basis, deny, require_chart_access
@@ -32,7 +32,8 @@ from phivault.crypto.envelope import Envelope
 from phivault.crypto.stream import StreamOpener, StreamSealer
 from phivault.db.base import utcnow
 from phivault.db.engine import READ_ONLY
-from phivault.errors import InvalidRequest, NotFound, UnsupportedMedia
+from phivault.db.paging import fetch_page
+from phivault.errors import InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMedia
 from phivault.keys.service import RowCipher, new_row_cipher, row_cipher
 
 TABLE = "attachments"
@@ -116,7 +117,7 @@ class _Upload:
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         self.size += end - start
         if self.size > MAX_FILE_BYTES:
-            raise InvalidRequest("Attachments are at most 25 MiB.")
+            raise PayloadTooLarge("Attachments are at most 25 MiB.")
         self.pending.append(bytes(data[start:end]))
 
     def on_end(self) -> None:
@@ -224,12 +225,9 @@ async def list_attachments(session: AsyncSession, envelope: Envelope, claims: Ac
                            offset: int) -> tuple[list[AttachmentView], int]:
     basis = await require_chart_access(session, claims, patient_id, write=False,
                                        resource_type="attachment")
-    where = (Attachment.patient_id == patient_id, Attachment.complete.is_(True))
-    total = int((await session.execute(
-        select(func.count()).select_from(Attachment).where(*where))).scalar_one())
-    rows = (await session.execute(select(Attachment).where(*where)
-                                  .order_by(Attachment.created_at.desc(), Attachment.id)
-                                  .limit(limit).offset(offset))).scalars().all()
+    rows, total = await fetch_page(session, select(Attachment).where(
+        Attachment.patient_id == patient_id, Attachment.complete.is_(True))
+        .order_by(Attachment.created_at.desc(), Attachment.id), limit, offset)
     views = [await _view(session, envelope, row) for row in rows]
     audit.record(session, Action.VIEW_ATTACHMENT, resource_type="attachment",
                  patient_id=patient_id, metadata={"count": len(views), "listing": True,

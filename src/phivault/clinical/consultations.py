@@ -8,13 +8,14 @@ themselves access. Either party may cancel; only the doctor writes notes or comp
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import date
 
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from phivault.access.care import CARE_STATUSES, has_care_relationship, is_patient
+from phivault.access.care import CARE_STATUSES, deny, has_care_relationship, is_patient
 from phivault.access.permissions import Role
 from phivault.audit import service as audit
 from phivault.audit.actions import Action
@@ -33,6 +34,7 @@ from phivault.clinical.schemas import (
 )
 from phivault.crypto.envelope import Envelope
 from phivault.db.base import utcnow
+from phivault.db.paging import fetch_page
 from phivault.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from phivault.keys.service import new_row_cipher, row_cipher
 
@@ -95,13 +97,9 @@ def _party_filter(claims: AccessClaims) -> ColumnElement[bool]:
 
 async def list_own(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
                    limit: int, offset: int) -> tuple[list[ConsultationView], int]:
-    where = _party_filter(claims)
-    total = int((await session.execute(
-        select(func.count()).select_from(Consultation).where(where))).scalar_one())
-    rows = (await session.execute(
-        select(Consultation).where(where)
-        .order_by(Consultation.scheduled_at.desc(), Consultation.id)
-        .limit(limit).offset(offset))).scalars().all()
+    rows, total = await fetch_page(session, select(Consultation).where(_party_filter(claims))
+                                   .order_by(Consultation.scheduled_at.desc(), Consultation.id),
+                                   limit, offset)
     views = [await _view(session, envelope, row) for row in rows]
     for view in views:
         audit.record(session, Action.VIEW_CONSULTATION, resource_type="consultation",
@@ -114,13 +112,14 @@ async def update(session: AsyncSession, envelope: Envelope, claims: AccessClaims
     row = await session.get(Consultation, consultation_id, with_for_update=True)
     is_party = row is not None and claims.user_id in (row.patient_id, row.doctor_id)
     if row is None or not is_party:
-        raise NotFound()
+        raise deny(session, NotFound(), None, "consultation", "not_a_party")
     if body.status is None and body.scheduled_at is None and body.notes is None:
         raise InvalidRequest("Send at least one of status, scheduled_at and notes.")
     changed: dict[str, str | bool] = {}
     if body.notes is not None:
         if claims.role != Role.DOCTOR:
-            raise Forbidden("Only the doctor writes a consultation's notes.")
+            raise deny(session, Forbidden("Only the doctor writes a consultation's notes."),
+                       row.patient_id, "consultation", "notes_by_patient")
         cipher = await row_cipher(session, envelope, TABLE, row.id, row.data_key_id)
         row.notes = cipher.seal("notes", body.notes)
         changed["notes_changed"] = True
@@ -134,7 +133,9 @@ async def update(session: AsyncSession, envelope: Envelope, claims: AccessClaims
         if allowed is None:
             raise Conflict(f"A {row.status} consultation cannot become {body.status}.")
         if claims.role not in allowed:
-            raise Forbidden("Only the patient accepts a proposal; only the doctor completes.")
+            raise deny(session, Forbidden("Only the patient accepts a proposal; only the doctor "
+                                          "completes."), row.patient_id, "consultation",
+                       "transition_not_allowed")
         changed["from"], changed["to"] = row.status, body.status
         row.status = body.status
     row.updated_at = utcnow()
@@ -177,21 +178,29 @@ def _payment_view(row: Payment) -> PaymentView:
                        provider_reference=row.provider_reference, created_at=row.created_at)
 
 
-def _looks_like_card_number(text: str) -> bool:
-    """13 to 19 digits passing the Luhn check: a card number in the wrong field."""
-    digits = [int(c) for c in text if c.isdigit()]
-    if not 13 <= len(digits) <= 19 or len(digits) < len(text.replace("-", "").replace(" ", "")):
-        return False
-    total = sum(d if i % 2 == 0 else (d * 2 - 9 if d * 2 > 9 else d * 2)
-                for i, d in enumerate(reversed(digits)))
+_DIGIT_RUNS = re.compile(r"\d+")
+
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for i, char in enumerate(reversed(digits)):
+        d = int(char)
+        total += d if i % 2 == 0 else (d * 2 - 9 if d * 2 > 9 else d * 2)
     return total % 10 == 0
+
+
+def _looks_like_card_number(text: str) -> bool:
+    """A run of 13 to 19 digits (separators - and space ignored) passing the Luhn check, alone
+    or inside the text: a card number in the wrong field, which phivault must never store."""
+    joined = text.replace("-", "").replace(" ", "")
+    return any(13 <= len(run) <= 19 and _luhn(run) for run in _DIGIT_RUNS.findall(joined))
 
 
 async def pay(session: AsyncSession, claims: AccessClaims, consultation_id: uuid.UUID,
               body: PaymentCreate) -> PaymentView:
     row = await session.get(Consultation, consultation_id)
     if row is None or row.patient_id != claims.user_id:
-        raise NotFound()
+        raise deny(session, NotFound(), None, "payment", "not_my_consultation")
     if _looks_like_card_number(body.provider_reference):
         raise InvalidRequest("provider_reference looks like a card number; phivault never "
                              "accepts card data.")
@@ -206,12 +215,9 @@ async def pay(session: AsyncSession, claims: AccessClaims, consultation_id: uuid
 
 async def my_payments(session: AsyncSession, claims: AccessClaims, limit: int,
                       offset: int) -> tuple[list[PaymentView], int]:
-    where = Payment.patient_id == claims.user_id
-    total = int((await session.execute(
-        select(func.count()).select_from(Payment).where(where))).scalar_one())
-    rows = (await session.execute(select(Payment).where(where)
-                                  .order_by(Payment.created_at.desc(), Payment.id)
-                                  .limit(limit).offset(offset))).scalars().all()
+    rows, total = await fetch_page(session, select(Payment).where(
+        Payment.patient_id == claims.user_id).order_by(Payment.created_at.desc(), Payment.id),
+        limit, offset)
     audit.record(session, Action.VIEW_PAYMENT, resource_type="payment",
                  patient_id=claims.user_id, metadata={"count": len(rows)})
     return [_payment_view(r) for r in rows], total

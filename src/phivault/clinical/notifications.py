@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from phivault.audit import service as audit
@@ -13,6 +13,7 @@ from phivault.clinical.models import Notification
 from phivault.clinical.schemas import NotificationView
 from phivault.crypto.envelope import Envelope
 from phivault.db.base import utcnow
+from phivault.db.paging import fetch_page
 from phivault.keys.service import new_row_cipher, row_cipher
 
 TABLE = "notifications"
@@ -27,14 +28,12 @@ def notify(session: AsyncSession, envelope: Envelope, user_id: uuid.UUID, kind: 
                              read_at=None))
 
 
-async def list_mine(session: AsyncSession, envelope: Envelope, user_id: uuid.UUID, limit: int,
+async def list_mine(session: AsyncSession, envelope: Envelope, user_id: uuid.UUID,
+                    is_patient: bool, limit: int,
                     offset: int) -> tuple[list[NotificationView], int]:
-    where = Notification.user_id == user_id
-    total = int((await session.execute(
-        select(func.count()).select_from(Notification).where(where))).scalar_one())
-    rows = (await session.execute(select(Notification).where(where)
-                                  .order_by(Notification.created_at.desc(), Notification.id)
-                                  .limit(limit).offset(offset))).scalars().all()
+    rows, total = await fetch_page(session, select(Notification).where(
+        Notification.user_id == user_id).order_by(Notification.created_at.desc(),
+                                                  Notification.id), limit, offset)
     views = []
     for row in rows:
         cipher = await row_cipher(session, envelope, TABLE, row.id, row.data_key_id)
@@ -42,5 +41,5 @@ async def list_mine(session: AsyncSession, envelope: Envelope, user_id: uuid.UUI
                                                                                  row.text),
                                       created_at=row.created_at, read_at=row.read_at))
     audit.record(session, Action.VIEW_NOTIFICATION, resource_type="notification",
-                 metadata={"count": len(views)})
+                 patient_id=user_id if is_patient else None, metadata={"count": len(views)})
     return views, total

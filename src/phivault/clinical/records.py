@@ -24,6 +24,7 @@ from phivault.clinical.schemas import (
 )
 from phivault.crypto.envelope import Envelope
 from phivault.db.base import utcnow
+from phivault.db.paging import fetch_page
 from phivault.errors import InvalidRequest, NotFound
 from phivault.keys.service import new_row_cipher, row_cipher
 
@@ -195,12 +196,9 @@ async def list_prescriptions(session: AsyncSession, envelope: Envelope, claims: 
                              offset: int) -> tuple[list[PrescriptionView], int]:
     basis = await require_chart_access(session, claims, patient_id, write=False,
                                        resource_type="prescription")
-    where = Prescription.patient_id == patient_id
-    total = int((await session.execute(
-        select(func.count()).select_from(Prescription).where(where))).scalar_one())
-    rows = (await session.execute(select(Prescription).where(where)
-                                  .order_by(Prescription.created_at.desc(), Prescription.id)
-                                  .limit(limit).offset(offset))).scalars().all()
+    rows, total = await fetch_page(session, select(Prescription).where(
+        Prescription.patient_id == patient_id).order_by(Prescription.created_at.desc(),
+                                                        Prescription.id), limit, offset)
     views = [await _open_prescription(session, envelope, row) for row in rows]
     for view in views:
         audit.record(session, Action.VIEW_PRESCRIPTION, resource_type="prescription",

@@ -35,6 +35,7 @@ STATUS_OF: dict[type[errors.PhivaultError], int] = {
     errors.WeakPassword: 422,
     errors.InvalidRequest: 422,
     errors.UnsupportedMedia: 415,
+    errors.PayloadTooLarge: 413,
     errors.RateLimited: 429,
 }
 

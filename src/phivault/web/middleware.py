@@ -34,7 +34,8 @@ from phivault.web.errors import framework_error
 log = get_logger("phivault.access")
 
 MAX_BODY = 1024 * 1024
-MAX_UPLOAD = 25 * 1024 * 1024
+# 25 MiB of file, plus room for the multipart framing around it.
+MAX_UPLOAD = 25 * 1024 * 1024 + 64 * 1024
 # Routes that take uploads get the larger cap; everything else gets MAX_BODY.
 UPLOAD_ROUTES = (re.compile(r"^/api/v1/patients/[^/]+/attachments/?$"),)
 BODY_CHUNK_TIMEOUT = 30.0

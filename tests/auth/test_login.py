@@ -233,3 +233,33 @@ async def test_sessions_are_distinct_per_login(client: httpx.AsyncClient,
                                                "password": PASSWORD})).json()
         sids.add(jwt.decode(pair["access_token"], options={"verify_signature": False})["sid"])
     assert len(sids) == 2 and all(uuid.UUID(s) for s in sids)
+
+
+async def test_parallel_guesses_cannot_outrun_the_lockout(
+        fresh_runtime: Callable[..., Any]) -> None:
+    """Attempts are counted before the (slow) password check, so a burst of parallel guesses
+    gets no more than the lock-out allows."""
+    import asyncio
+
+    rt = await fresh_runtime(argon2_memory_kib=4096, argon2_time_cost=2)
+    user = await make_user(rt)
+    async with client_for(rt) as c:
+        answers = await asyncio.gather(*(c.post(LOGIN, json={
+            "email": user.email, "password": f"guess number {i:04d}!"}) for i in range(15)))
+        codes = sorted(a.status_code for a in answers)
+        assert codes.count(401) <= 5 and codes.count(429) >= 10, codes
+        locked = await c.post(LOGIN, json={"email": user.email, "password": PASSWORD})
+        assert locked.status_code == 429
+
+
+async def test_password_rechecks_count_toward_the_lockout(
+        fresh_runtime: Callable[..., Any]) -> None:
+    rt = await fresh_runtime(lockout="3/15minutes")
+    from tests.factories import sign_in
+
+    user = await sign_in(rt, await make_user(rt))
+    async with client_for(rt) as c:
+        codes = [(await c.post("/api/v1/auth/password", headers=user.headers, json={
+            "current_password": f"wrong guess {i:04d}!!", "new_password": "x" * 20})
+                  ).status_code for i in range(5)]
+    assert codes == [401, 401, 401, 429, 429]

@@ -49,7 +49,7 @@ async def shares_data(session: AsyncSession, patient_id: uuid.UUID) -> bool:
     """The patient's current (newest) consent allows data sharing."""
     current = (await session.execute(
         select(Consent.data_sharing).where(Consent.patient_id == patient_id)
-        .order_by(Consent.consent_date.desc(), Consent.id.desc()).limit(1))).scalar_one_or_none()
+        .order_by(Consent.version.desc()).limit(1))).scalar_one_or_none()
     return bool(current)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from phivault.access.permissions import Role
@@ -112,7 +112,8 @@ class Accounts:
         self._new_patient_profile(session, user, request.full_name, request.birth_date,
                                   request.sex, request.phone, request.address)
         choices = request.consents or ConsentChoices()
-        session.add(Consent(id=uuid.uuid4(), patient_id=user.id, marketing=choices.marketing,
+        session.add(Consent(id=uuid.uuid4(), patient_id=user.id, version=1,
+                            marketing=choices.marketing,
                             data_sharing=choices.data_sharing, analytics=choices.analytics,
                             consent_date=utcnow()))
         actor = Actor(user.id, Role.PATIENT)
@@ -153,7 +154,7 @@ class Accounts:
         await session.flush()
         if role == Role.PATIENT:
             self._new_patient_profile(session, user, full_name)
-            session.add(Consent(id=uuid.uuid4(), patient_id=user.id, marketing=False,
+            session.add(Consent(id=uuid.uuid4(), patient_id=user.id, version=1, marketing=False,
                                 data_sharing=False, analytics=False, consent_date=utcnow()))
         else:
             session.add(StaffProfile(user_id=user.id, full_name=full_name, specialty=specialty))
@@ -173,10 +174,15 @@ class Accounts:
         problem = password_problem(password, email)
         if problem:
             raise WeakPassword(f"The password {problem}.")
+        # Redeem exactly once, even against a concurrent redeem of the same token.
+        claimed = await session.execute(
+            update(User).where(User.id == user.id, User.setup_token_hash == token_digest(token))
+            .values(setup_token_hash=None, setup_expires_at=None)
+            .execution_options(synchronize_session=False))
+        if int(claimed.rowcount) != 1:  # type: ignore[attr-defined]
+            raise InvalidToken("The setup token is unknown, used or expired.")
         user.password_hash = await self.passwords.hash(password)
         user.password_changed_at = now
-        user.setup_token_hash = None
-        user.setup_expires_at = None
         audit.record(session, Action.ACCOUNT_SETUP, actor=Actor(user.id, user.role),
                      resource_type="user", resource_id=user.id)
 
@@ -226,7 +232,7 @@ class Accounts:
         await session.flush()
         if role == Role.PATIENT:
             self._new_patient_profile(session, user, name.strip())
-            session.add(Consent(id=uuid.uuid4(), patient_id=user.id, marketing=False,
+            session.add(Consent(id=uuid.uuid4(), patient_id=user.id, version=1, marketing=False,
                                 data_sharing=False, analytics=False, consent_date=utcnow()))
         else:
             session.add(StaffProfile(user_id=user.id, full_name=name.strip(), specialty=None))

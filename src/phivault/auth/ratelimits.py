@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 
-from limits import RateLimitItem
+from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
@@ -27,6 +27,9 @@ class AuthLimits:
         self._limiter = MovingWindowRateLimiter(storage)
         self.ip_limit = ip_limit
         self.lockout = lockout
+        # Attempts and successes are counted over the lock-out's window with a limit no
+        # account reaches: these items only count, the comparison below decides.
+        self._counter = RateLimitItemPerSecond(10**9, lockout.get_expiry())
 
     async def hit_ip(self, ip: str | None) -> None:
         """Count one auth request from `ip`; 429 once the limit is passed."""
@@ -34,14 +37,24 @@ class AuthLimits:
         if not await self._limiter.hit(self.ip_limit, "auth-ip", key):
             raise RateLimited(await self._retry_after(self.ip_limit, "auth-ip", key))
 
-    async def check_account(self, account: str) -> None:
-        """429 while `account` (a blind index, never an email) is locked out."""
-        if not await self._limiter.test(self.lockout, "lockout", account):
-            raise RateLimited(await self._retry_after(self.lockout, "lockout", account),
+    async def begin_attempt(self, account: str) -> None:
+        """Count a password attempt on `account` (a blind index or user id, never an email)
+        BEFORE it is checked, and refuse it (429) when the attempts in the window that did not
+        succeed exceed the lock-out. Counting first closes the race in which many parallel
+        guesses all pass a check made before any of them failed: an attempt still in flight
+        counts as a failure until it succeeds."""
+        await self._limiter.hit(self._counter, "attempts", account)
+        if await self._count("attempts", account) - await self._count("successes", account) \
+                > self.lockout.amount:
+            raise RateLimited(await self._retry_after(self._counter, "attempts", account),
                               "Too many failed logins for this account; try again later.")
 
-    async def fail_account(self, account: str) -> None:
-        await self._limiter.hit(self.lockout, "lockout", account)
+    async def attempt_succeeded(self, account: str) -> None:
+        await self._limiter.hit(self._counter, "successes", account)
+
+    async def _count(self, kind: str, account: str) -> int:
+        stats = await self._limiter.get_window_stats(self._counter, kind, account)
+        return self._counter.amount - stats.remaining
 
     async def _retry_after(self, item: RateLimitItem, *identifiers: str) -> int:
         stats = await self._limiter.get_window_stats(item, *identifiers)

@@ -90,7 +90,7 @@ class Authenticator:
         email and a wrong password. Five failures lock the account out for the window."""
         lookup = email_lookup(self.blind_index, email)
         account = lookup.hex()
-        await self.limits.check_account(account)
+        await self.limits.begin_attempt(account)
         user = (await session.execute(select(User).where(User.email_index == lookup))
                 ).scalar_one_or_none()
         stored = user.password_hash if user is not None else None
@@ -101,12 +101,18 @@ class Authenticator:
         assert user is not None and stored is not None  # noqa: S101 - checked just above
         if user.totp_enabled:
             if totp_code is None:
+                # The password was right: this attempt is no failure.
+                await self.limits.attempt_succeeded(account)
+                audit.record(session, Action.LOGIN_FAILURE, outcome=Outcome.DENIED,
+                             actor=Actor(user.id, user.role), resource_type="user",
+                             resource_id=user.id, metadata={"reason": "mfa_required"})
                 raise MfaRequired()
             secret = (await user_cipher(session, self.envelope, user)).open(
                 "totp_secret", user.totp_secret or b"")
             step = mfa.matching_step(secret, totp_code, after_step=user.totp_last_step)
             if step is None or not await _claim_totp_step(session, user.id, step):
                 await self._failed(session, account, user, "bad_totp")
+        await self.limits.attempt_succeeded(account)
         if self.passwords.needs_rehash(stored):
             user.password_hash = await self.passwords.hash(password)
         actor = Actor(user.id, user.role)
@@ -125,7 +131,6 @@ class Authenticator:
 
     async def _failed(self, session: AsyncSession, account: str, user: User | None,
                       reason: str) -> None:
-        await self.limits.fail_account(account)
         audit.record(session, Action.LOGIN_FAILURE, outcome=Outcome.DENIED,
                      actor=Actor(user.id, user.role) if user else Actor(None, None),
                      resource_type="user", resource_id=user.id if user else None,
@@ -261,7 +266,7 @@ class Authenticator:
     async def change_password(self, session: AsyncSession, user_id: uuid.UUID, current: str,
                               new: str) -> None:
         user = await self._user(session, user_id)
-        if not await self.passwords.verify(user.password_hash, current):
+        if not await self._recheck_password(user, current):
             audit.record(session, Action.PASSWORD_CHANGED, outcome=Outcome.DENIED,
                          resource_type="user", resource_id=user.id,
                          metadata={"reason": "bad_password"})
@@ -282,7 +287,7 @@ class Authenticator:
         """A new TOTP secret (not active until `enable_mfa`), after the password again: a
         stolen access token alone cannot change MFA."""
         user = await self._user(session, user_id)
-        if not await self.passwords.verify(user.password_hash, password):
+        if not await self._recheck_password(user, password):
             audit.record(session, Action.ACCESS_DENIED, outcome=Outcome.DENIED,
                          resource_type="user", resource_id=user.id,
                          metadata={"reason": "mfa_setup_bad_password"})
@@ -310,6 +315,16 @@ class Authenticator:
         # Sessions opened without the second factor end: from now on logins need it.
         await revoke_sessions(session, AuthSession.user_id == user.id)
         audit.record(session, Action.MFA_ENABLED, resource_type="user", resource_id=user.id)
+
+    async def _recheck_password(self, user: User, password: str) -> bool:
+        """The current password again (password change, TOTP set-up), under the same lock-out
+        as logins: a stolen access token is no password-guessing oracle."""
+        account = user.email_index.hex() if user.email_index else user.id.hex
+        await self.limits.begin_attempt(account)
+        if not await self.passwords.verify(user.password_hash, password):
+            return False
+        await self.limits.attempt_succeeded(account)
+        return True
 
     async def _user(self, session: AsyncSession, user_id: uuid.UUID) -> User:
         user = await session.get(User, user_id)

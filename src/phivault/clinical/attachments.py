@@ -58,7 +58,7 @@ def sniff(head: bytes) -> str | None:
 
 @dataclass
 class _Part:
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, bytes] = field(default_factory=dict)
     field_name: bytes = b""
     value_name: bytes = b""
 
@@ -95,12 +95,12 @@ class _Upload:
     def on_header_end(self) -> None:
         part = self.parts[-1]
         name = part.field_name.decode("latin-1").strip().lower()
-        part.headers[name] = part.value_name.decode("utf-8", "replace").strip()
+        part.headers[name] = part.value_name.strip()  # raw bytes; decoded once, below
         part.field_name, part.value_name = b"", b""
 
     def on_headers_finished(self) -> None:
         part = self.parts[-1]
-        disposition, options = parse_options_header(part.headers.get("content-disposition", ""))
+        disposition, options = parse_options_header(part.headers.get("content-disposition", b""))
         if disposition != b"form-data" or options.get(b"name") != b"file":
             raise InvalidRequest("Send one multipart part named 'file'.")
         self.files += 1
@@ -111,7 +111,7 @@ class _Upload:
         if not 1 <= len(name) <= 255:
             raise InvalidRequest("The file needs a name of 1 to 255 characters.")
         self.filename = name
-        declared, _ = parse_options_header(part.headers.get("content-type", ""))
+        declared, _ = parse_options_header(part.headers.get("content-type", b""))
         self.declared = declared.decode("latin-1").lower()
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:

@@ -64,12 +64,14 @@ async def create(session: AsyncSession, envelope: Envelope, claims: AccessClaims
         patient_id, doctor_id = claims.user_id, body.doctor_id
         doctor = await session.get(User, doctor_id)
         if doctor is None or doctor.role != Role.DOCTOR or doctor.status != "active":
-            raise NotFound("No such doctor.")
+            raise deny(session, NotFound("No such doctor."), None, "consultation",
+                       "no_such_doctor")
         status = "scheduled"
     else:
         patient_id, doctor_id = body.patient_id, claims.user_id
         if not await is_patient(session, patient_id):
-            raise NotFound("No such patient.")
+            raise deny(session, NotFound("No such patient."), None, "consultation",
+                       "no_such_patient")
         known = await has_care_relationship(session, doctor_id, patient_id)
         status = "scheduled" if known else "proposed"
     now = utcnow()
@@ -164,8 +166,10 @@ async def patients_of(session: AsyncSession, envelope: Envelope, doctor_id: uuid
                                      full_name=cipher.open_optional("full_name",
                                                                     profile.full_name),
                                      birth_year=date.fromisoformat(birth).year if birth else None))
-    audit.record(session, Action.VIEW_PATIENT_LIST, resource_type="patient_profile",
-                 metadata={"count": len(items)})
+    # One event per patient listed: each sees this read in their own access log.
+    for item in items:
+        audit.record(session, Action.VIEW_PATIENT_LIST, resource_type="patient_profile",
+                     resource_id=item.id, patient_id=item.id)
     return items, total
 
 
@@ -178,7 +182,8 @@ def _payment_view(row: Payment) -> PaymentView:
                        provider_reference=row.provider_reference, created_at=row.created_at)
 
 
-_DIGIT_RUNS = re.compile(r"\d+")
+# Digits, possibly grouped by single separators (4111-1111-1111-1111, 4111.1111..., 4111 1111...).
+_DIGIT_RUNS = re.compile(r"\d(?:[-._: /]?\d)*")
 
 
 def _luhn(digits: str) -> bool:
@@ -192,8 +197,8 @@ def _luhn(digits: str) -> bool:
 def _looks_like_card_number(text: str) -> bool:
     """A run of 13 to 19 digits (separators - and space ignored) passing the Luhn check, alone
     or inside the text: a card number in the wrong field, which phivault must never store."""
-    joined = text.replace("-", "").replace(" ", "")
-    return any(13 <= len(run) <= 19 and _luhn(run) for run in _DIGIT_RUNS.findall(joined))
+    runs = (re.sub(r"\D", "", run) for run in _DIGIT_RUNS.findall(text))
+    return any(13 <= len(run) <= 19 and _luhn(run) for run in runs)
 
 
 async def pay(session: AsyncSession, claims: AccessClaims, consultation_id: uuid.UUID,

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    StringConstraints,
+)
 
 from phivault.schemas import RequestModel, UUIDText
 
@@ -27,8 +34,17 @@ def _iso_datetime(value: object) -> object:
     return value
 
 
+def _in_range(value: datetime) -> datetime:
+    """In UTC, between the years 1900 and 2200 (the extremes of the type overflow on the way to
+    the database)."""
+    if not 1900 <= value.year <= 2200:
+        raise ValueError("must be between the years 1900 and 2200")
+    return value.astimezone(UTC)
+
+
 # An aware date-time given as an ISO 8601 string (strict models refuse strings otherwise).
-When = Annotated[AwareDatetime, Field(strict=False), BeforeValidator(_iso_datetime)]
+When = Annotated[AwareDatetime, Field(strict=False), BeforeValidator(_iso_datetime),
+                 AfterValidator(_in_range)]
 
 
 class PatientBooking(RequestModel):

@@ -6,11 +6,12 @@ import uuid
 from datetime import datetime
 
 from pydantic import BaseModel, StrictBool
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from phivault.audit import service as audit
 from phivault.audit.actions import Action
+from phivault.auth.models import User
 from phivault.db.base import utcnow
 from phivault.errors import NotFound
 from phivault.privacy.models import Consent
@@ -37,8 +38,8 @@ def _view(row: Consent) -> ConsentView:
 
 async def current(session: AsyncSession, patient_id: uuid.UUID) -> ConsentView:
     row = (await session.execute(select(Consent).where(Consent.patient_id == patient_id)
-                                 .order_by(Consent.consent_date.desc(), Consent.id.desc())
-                                 .limit(1))).scalar_one_or_none()
+                                 .order_by(Consent.version.desc()).limit(1))
+           ).scalar_one_or_none()
     if row is None:
         raise NotFound()
     audit.record(session, Action.VIEW_CONSENT, resource_type="consent", patient_id=patient_id)
@@ -47,7 +48,7 @@ async def current(session: AsyncSession, patient_id: uuid.UUID) -> ConsentView:
 
 async def history(session: AsyncSession, patient_id: uuid.UUID) -> list[ConsentView]:
     rows = (await session.execute(select(Consent).where(Consent.patient_id == patient_id)
-                                  .order_by(Consent.consent_date, Consent.id))).scalars().all()
+                                  .order_by(Consent.version))).scalars().all()
     audit.record(session, Action.VIEW_CONSENT, resource_type="consent", patient_id=patient_id,
                  metadata={"history": True})
     return [_view(row) for row in rows]
@@ -56,7 +57,12 @@ async def history(session: AsyncSession, patient_id: uuid.UUID) -> list[ConsentV
 async def change(session: AsyncSession, patient_id: uuid.UUID,
                  choice: ConsentChoice) -> ConsentView:
     """A new version of the consents; earlier ones stay, as history."""
-    row = Consent(id=uuid.uuid4(), patient_id=patient_id, marketing=choice.marketing,
+    # Lock the patient's row so that concurrent changes number their versions one by one.
+    await session.execute(select(User.id).where(User.id == patient_id).with_for_update())
+    latest = (await session.execute(select(func.max(Consent.version)).where(
+        Consent.patient_id == patient_id))).scalar_one_or_none() or 0
+    row = Consent(id=uuid.uuid4(), patient_id=patient_id, version=latest + 1,
+                  marketing=choice.marketing,
                   data_sharing=choice.data_sharing, analytics=choice.analytics,
                   consent_date=utcnow())
     session.add(row)

@@ -70,6 +70,7 @@ def upgrade() -> None:
         "consents",
         sa.Column("id", sa.Uuid(), nullable=False),
         sa.Column("patient_id", sa.Uuid(), nullable=False),
+        sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("marketing", sa.Boolean(), nullable=False),
         sa.Column("data_sharing", sa.Boolean(), nullable=False),
         sa.Column("analytics", sa.Boolean(), nullable=False),
@@ -78,6 +79,7 @@ def upgrade() -> None:
             ["patient_id"], ["users.id"], name=op.f("fk_consents_patient_id_users")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_consents")),
+        sa.UniqueConstraint("patient_id", "version", name=op.f("uq_consents_patient_id")),
     )
     with op.batch_alter_table("consents", schema=None) as batch_op:
         batch_op.create_index(

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 GENESIS_HASH = bytes(32)
 
@@ -63,7 +64,10 @@ def canonical_json(event: ChainedEvent) -> bytes:
         "request_id": event.request_id,
         "metadata": dict(event.metadata),
     }
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    # orjson with sorted keys gives the same bytes as json.dumps(sort_keys=True, separators=
+    # (",", ":"), ensure_ascii=False) (a test pins it), about ten times faster: verification is
+    # a hot loop (SPEC §14).
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
 
 
 def chain_hash(key: bytes, prev_hash: bytes, canonical: bytes) -> bytes:

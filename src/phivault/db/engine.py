@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -14,6 +15,14 @@ from sqlalchemy.pool import ConnectionPoolEntry
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Execution option: this transaction only reads (a deferred BEGIN on SQLite).
 READ_ONLY = "phivault_read_only"
+
+
+def _dump_json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+# JSON columns (audit metadata) through orjson: the audit chain's verification reads every row.
+_JSON: dict[str, Any] = {"json_serializer": _dump_json, "json_deserializer": orjson.loads}
 
 
 def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
@@ -30,11 +39,11 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, echo=echo, pool_size=pool_size, max_overflow=0,
-                                     pool_timeout=60)
+                                     pool_timeout=60, **_JSON)
         _configure_sqlite(engine)
         return engine
     return create_async_engine(url, echo=echo, pool_size=pool_size, max_overflow=pool_size,
-                               pool_pre_ping=True, pool_timeout=30)
+                               pool_pre_ping=True, pool_timeout=30, **_JSON)
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:

@@ -40,18 +40,21 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import cryptography
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from machine import machine_info  # type: ignore[import-not-found]
+from harness import (  # type: ignore[import-not-found]
+    PG,
+    interleave,
+    machine_info,
+    pg_admin,
+    ratio,
+)
 from phivault.crypto import stream
 from phivault.crypto.envelope import Envelope, MasterKeyRing
 from phivault.crypto.keys import KeyKind, generate_key, generate_key_line
 
 RESULT = Path(__file__).parent / "results" / "attachments.json"
-PG = os.environ.get("PHIVAULT_TEST_DATABASE_URL",
-                    "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 CHUNK = stream.SEGMENT_SIZE
 STREAM_BYTES = 16 * 1024 * 1024
 ROUNDS = 15
@@ -70,12 +73,6 @@ BOUNDARY = "bench-boundary-3c9d1f0a7e"
 
 
 # Speed.
-
-def timed(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
 
 def speed_variants() -> dict[str, Callable[[], object]]:
     env = Envelope(MasterKeyRing([("bench", generate_key())]))
@@ -105,21 +102,6 @@ def speed_variants() -> dict[str, Callable[[], object]]:
 
     return {"seal": seal, "bare_encrypt": bare_encrypt, "open": open_,
             "bare_decrypt": bare_decrypt}
-
-
-def interleave(variants: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
-    for run in variants.values():
-        run()  # warm-up
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(ROUNDS):
-        for name, run in variants.items():
-            seconds[name].append(timed(run))
-    return seconds
-
-
-def ratio(seconds: dict[str, list[float]], name: str, baseline: str) -> float:
-    per_round = [b / a for a, b in zip(seconds[name], seconds[baseline], strict=True)]
-    return round(statistics.median(per_round), 3)
 
 
 def traced_seal_open_peak(size: int) -> int:
@@ -253,15 +235,6 @@ def run_child(size: int, mode: str, database_url: str) -> dict[str, Any]:
     return answer
 
 
-async def pg_admin(sql: str) -> None:
-    connection = await asyncpg.connect(PG.replace("postgresql+asyncpg", "postgresql", 1),
-                                       timeout=5)
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
-
-
 def pg_reachable() -> bool:
     try:
         asyncio.run(pg_admin("SELECT 1"))
@@ -342,7 +315,7 @@ def main() -> None:
         print(json.dumps(asyncio.run(child(args.child, args.mode, args.database_url))))
         return
 
-    seconds = interleave(speed_variants())
+    seconds = interleave(speed_variants(), ROUNDS)
     mb = STREAM_BYTES / 1e6
     rate = {name: round(mb / statistics.median(s), 1) for name, s in seconds.items()}
     seal_ratio = ratio(seconds, "seal", "bare_encrypt")

@@ -22,10 +22,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from sqlalchemy import insert, update
 
-from machine import machine_info  # type: ignore[import-not-found]
+from harness import (  # type: ignore[import-not-found]
+    PG,
+    machine_info,
+    pg_admin,
+)
 from phivault.audit import service
 from phivault.audit.actions import Action
 from phivault.audit.chain import (
@@ -42,8 +45,6 @@ from phivault.db.migrate import upgrade
 from phivault.runtime import Runtime
 
 RESULT = Path(__file__).parent / "results" / "audit.json"
-PG = os.environ.get("PHIVAULT_TEST_DATABASE_URL",
-                    "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 TARGET = 200_000
 
 
@@ -115,14 +116,6 @@ def settings_for(url: str) -> Any:
         database_url=url, master_keys=generate_key_line(KeyKind.MASTER),
         index_key=generate_key_line(KeyKind.INDEX), audit_key=generate_key_line(KeyKind.AUDIT),
         jwt_keys=generate_key_line(KeyKind.JWT))
-
-
-async def pg_admin(sql: str) -> None:
-    connection = await asyncpg.connect(PG.replace("postgresql+asyncpg", "postgresql", 1))
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
 
 
 async def run_backend(name: str, url: str, count: int) -> dict[str, Any]:

@@ -15,37 +15,29 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import os
 import secrets
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import bcrypt
 
-from machine import machine_info  # type: ignore[import-not-found]
+from harness import (  # type: ignore[import-not-found]
+    PG,
+    machine_info,
+    pg_admin,
+)
 from phivault.config import load_settings
 from phivault.crypto.keys import KeyKind, generate_key_line
 from phivault.db.migrate import upgrade
 from phivault.runtime import Runtime
 
 RESULT = Path(__file__).parent / "results" / "auth.json"
-PG = os.environ.get("PHIVAULT_TEST_DATABASE_URL",
-                    "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 LIVE_TOKENS = 20
 BCRYPT_COST = 10
 PASSWORD = "rotation timing passphrase 2026"  # noqa: S105 - a throwaway bench account
 TARGET = 100
-
-
-async def pg_admin(sql: str) -> None:
-    connection = await asyncpg.connect(PG.replace("postgresql+asyncpg", "postgresql", 1))
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
 
 
 async def ours(rt: Runtime, rotations: int, concurrency: int) -> float:

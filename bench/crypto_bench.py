@@ -12,34 +12,27 @@ import json
 import os
 import statistics
 import sys
-import time
-import tracemalloc
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import cryptography
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from machine import machine_info  # type: ignore[import-not-found]
-from phivault.crypto import stream
+from harness import (  # type: ignore[import-not-found]
+    interleave,
+    machine_info,
+    ratio,
+)
 from phivault.crypto.envelope import Envelope, MasterKeyRing
 from phivault.crypto.keys import KeyKind, generate_key, new_key_id
 
 VALUE_BYTES = 1024
 VALUES_PER_ROUND = 5000
 ROUNDS = 9
-STREAM_BYTES = 8 * 1024 * 1024
 FIELD_TARGET = 0.80
-STREAM_TARGET = 0.70
 TABLE, COLUMN = "medical_records", "diagnosis"
 RESULT = Path(__file__).parent / "results" / "crypto.json"
-
-
-def timed(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
 
 
 def field_variants() -> dict[str, Callable[[], object]]:
@@ -100,87 +93,12 @@ def field_variants() -> dict[str, Callable[[], object]]:
     }
 
 
-def stream_variants() -> dict[str, Callable[[], object]]:
-    env = Envelope(MasterKeyRing([("bench", generate_key())]))
-    row_id = uuid.uuid4()
-    dek = env.new_data_key(row_id)
-    chunks = [os.urandom(stream.SEGMENT_SIZE) for _ in range(STREAM_BYTES // stream.SEGMENT_SIZE)]
-    sealed = list(stream.seal_stream(dek, "attachments", "content", row_id, chunks))
-    bare = AESGCM(generate_key())
-    bare_sealed = [(nonce := os.urandom(12), bare.encrypt(nonce, c, None)) for c in chunks]
-
-    def seal() -> None:
-        for _ in stream.seal_stream(dek, "attachments", "content", row_id, chunks):
-            pass
-
-    def open_() -> None:
-        for _ in stream.open_stream(dek, "attachments", "content", row_id, sealed):
-            pass
-
-    def bare_encrypt() -> None:
-        for chunk in chunks:
-            bare.encrypt(os.urandom(12), chunk, None)
-
-    def bare_decrypt() -> None:
-        for nonce, chunk in bare_sealed:
-            bare.decrypt(nonce, chunk, None)
-
-    return {
-        "seal": seal,
-        "open": open_,
-        "bare_encrypt": bare_encrypt,
-        "bare_decrypt": bare_decrypt,
-    }
-
-
-def interleave(variants: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
-    for run in variants.values():
-        run()  # warm-up
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(ROUNDS):
-        for name, run in variants.items():
-            seconds[name].append(timed(run))
-    return seconds
-
-
-def ratio(seconds: dict[str, list[float]], name: str, baseline: str) -> float:
-    per_round = [b / a for a, b in zip(seconds[name], seconds[baseline], strict=True)]
-    return round(statistics.median(per_round), 3)
-
-
-def peak_stream_memory(size: int) -> int:
-    env = Envelope(MasterKeyRing([("bench", generate_key())]))
-    row_id = uuid.uuid4()
-    dek = env.new_data_key(row_id)
-    block = os.urandom(stream.SEGMENT_SIZE)
-
-    def source() -> Iterator[bytes]:
-        for _ in range(size // len(block)):
-            yield block
-
-    tracemalloc.start()
-    sealed = stream.seal_stream(dek, "attachments", "content", row_id, source())
-    total = sum(len(p) for p in stream.open_stream(dek, "attachments", "content", row_id, sealed))
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    if total != size:
-        raise RuntimeError("stream round trip lost bytes")
-    return peak
-
-
 def main() -> None:
-    field = interleave(field_variants())
+    field = interleave(field_variants(), ROUNDS)
     rate = {name: round(VALUES_PER_ROUND / statistics.median(s)) for name, s in field.items()}
     best = {name: round(VALUES_PER_ROUND / min(s)) for name, s in field.items()}
     to_ideal = ratio(field, "recipe", "ideal_envelope")
     to_ideal_cached = ratio(field, "recipe", "ideal_envelope_cached_kek")
-
-    streams = interleave(stream_variants())
-    mb = STREAM_BYTES / 1e6
-    stream_rate = {name: round(mb / statistics.median(s), 1) for name, s in streams.items()}
-    seal_ratio = ratio(streams, "seal", "bare_encrypt")
-    open_ratio = ratio(streams, "open", "bare_decrypt")
-    memory = {f"{size // 2**20} MiB": peak_stream_memory(size) for size in (2**22, 2**26)}
 
     result = {
         "machine": machine_info(cryptography=cryptography.__version__),
@@ -216,16 +134,7 @@ def main() -> None:
             "and header parsing, about 2.5 us per round trip."
         ),
         "best_round_values_per_second": best,
-        "stream": {
-            "segment_bytes": stream.SEGMENT_SIZE,
-            "stream_bytes": STREAM_BYTES,
-            "megabytes_per_second": stream_rate,
-            "seal_ratio_to_bare_aesgcm": seal_ratio,
-            "open_ratio_to_bare_aesgcm": open_ratio,
-            "target": STREAM_TARGET,
-            "meets_target": min(seal_ratio, open_ratio) >= STREAM_TARGET,
-            "peak_python_memory_bytes_seal_then_open": memory,
-        },
+        "see_also": "bench/results/attachments.json for the streaming (attachment) recipe",
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=2) + "\n")

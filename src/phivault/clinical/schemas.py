@@ -29,7 +29,8 @@ Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
 
 
 def _iso_datetime(value: object) -> object:
-    if not isinstance(value, str):
+    # JSON brings a string; a caller using the library may pass a datetime.
+    if not isinstance(value, str | datetime):
         raise ValueError("must be an ISO 8601 date-time with a time zone")
     return value
 

@@ -1,0 +1,180 @@
+"""Benchmark the API end to end (SPEC §14): `GET /records/{id}` (decrypt + authorization + audit
+write) and `POST /patients/{pid}/records` against the same server's `GET /healthz`, on
+PostgreSQL, over HTTPS (TLS 1.3), with `wrk` at 32 connections.
+
+Run from the repository root: `PYTHONPATH=src python bench/api_bench.py [--seconds N]`.
+Needs `wrk` (Debian package `wrk`). Writes bench/results/api.json. The server and wrk share this
+machine's cores, so the absolute figures are low; the ratios are what the spec asks for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from harness import machine_info, pg_admin, pg_url  # type: ignore[import-not-found]
+from phivault.config import load_settings
+from phivault.crypto.keys import KeyKind, generate_key_line
+from phivault.crypto.tls import write_self_signed_certificate
+from phivault.db.migrate import upgrade
+from phivault.runtime import Runtime
+
+RESULT = Path(__file__).parent / "results" / "api.json"
+DATABASE = "phivault_bench_api"
+PASSWORD = "api bench passphrase 2026"  # noqa: S105 - a throwaway bench account
+TARGETS = {"read_ratio": 0.40, "read_p99_ms": 50.0, "write_ratio": 0.25}
+
+
+def keys() -> dict[str, str]:
+    return {"master_keys": generate_key_line(KeyKind.MASTER),
+            "index_key": generate_key_line(KeyKind.INDEX),
+            "audit_key": generate_key_line(KeyKind.AUDIT),
+            "jwt_keys": generate_key_line(KeyKind.JWT)}
+
+
+async def seed(values: dict[str, Any]) -> dict[str, str]:
+    """A doctor caring for a consenting patient, one record, and the doctor's access token."""
+    from phivault.auth.tokens import AccessClaims
+    from phivault.clinical import consultations, records
+    from phivault.clinical.schemas import PatientBooking, RecordCreate
+    from phivault.privacy import consents
+    from phivault.privacy.consents import ConsentChoice
+
+    rt = Runtime.from_settings(load_settings(**values))
+    try:
+        await upgrade(rt.engine)
+        async with rt.unit_of_work() as session:
+            doctor = await rt.accounts.create_with_password(
+                session, "doctor@clinic.example", "doctor", "Dr Bench", None, PASSWORD)
+            patient = await rt.accounts.create_with_password(
+                session, "patient@clinic.example", "patient", "Pat Bench", None, PASSWORD)
+        now = datetime.datetime.now(datetime.UTC)
+
+        def claims(user_id: Any, role: str) -> AccessClaims:
+            return AccessClaims(user_id, role, user_id, "bench", now, now)
+
+        async with rt.unit_of_work() as session:
+            await consultations.create(session, rt.envelope, claims(patient.id, "patient"),
+                                       PatientBooking(doctor_id=doctor.id, scheduled_at=now,
+                                                      reason="bench"))
+            await consents.change(session, patient.id, ConsentChoice(
+                marketing=False, data_sharing=True, analytics=False))
+        async with rt.unit_of_work() as session:
+            record = await records.create_record(
+                session, rt.envelope, claims(doctor.id, "doctor"), patient.id,
+                RecordCreate(diagnosis="Seasonal influenza " * 20,
+                             prescriptions=["Rest", "Fluids"], notes="Review in a week " * 20))
+        async with rt.unit_of_work() as session:
+            tokens = await rt.authenticator.login(session, "doctor@clinic.example", PASSWORD,
+                                                  None)
+        return {"record": str(record.id), "patient": str(patient.id),
+                "token": tokens.access_token}
+    finally:
+        await rt.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wrk(url: str, seconds: int, token: str, script: Path | None = None) -> dict[str, Any]:
+    command = ["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency", "-H",
+               f"Authorization: Bearer {token}"]
+    if script:
+        command += ["-s", str(script)]
+    output = subprocess.run([*command, url], capture_output=True, text=True, check=True,
+                            timeout=seconds + 60).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", output)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    socket_errors = re.search(r"Socket errors: (.*)", output)
+    return {"requests_per_second": rps,
+            "p99_ms": round(float(p99.group(1)) * scale[p99.group(2)], 2) if p99 else None,
+            "non_2xx": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=10)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("api_bench: needs wrk (apt-get install wrk)")
+    asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)'))
+    asyncio.run(pg_admin(f'CREATE DATABASE "{DATABASE}"'))
+    values = {**keys(), "database_url": pg_url(DATABASE), "argon2_memory_kib": 19456,
+              "auth_rate_limit": "1000000/minute"}
+    server = None
+    try:
+        ids = asyncio.run(seed(values))
+        tmp = Path(tempfile.mkdtemp())
+        cert, key = tmp / "cert.pem", tmp / "key.pem"
+        write_self_signed_certificate(cert, key)
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PHIVAULT_")}
+        env.update({f"PHIVAULT_{k.upper()}": str(v) for k, v in values.items()})
+        env.update(PHIVAULT_TLS_CERT_FILE=str(cert), PHIVAULT_TLS_KEY_FILE=str(key),
+                   PHIVAULT_LOG_LEVEL="warning")
+        server = subprocess.Popen([sys.executable, "-m", "phivault.cli.main", "serve",
+                                   "--port", str(port)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(3)
+        base = f"https://127.0.0.1:{port}"
+        post = tmp / "post.lua"
+        post.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                        'wrk.body = \'{"diagnosis": "Acute bronchitis", "prescriptions": '
+                        '["Rest"], "notes": "Bench"}\'\n')
+        results = {
+            "healthz": wrk(f"{base}/healthz", args.seconds, ids["token"]),
+            "get_record": wrk(f"{base}/api/v1/records/{ids['record']}", args.seconds,
+                              ids["token"]),
+            "post_record": wrk(f"{base}/api/v1/patients/{ids['patient']}/records",
+                               args.seconds, ids["token"], post),
+        }
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+        asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)'))
+    health = results["healthz"]["requests_per_second"]
+    read_ratio = round(results["get_record"]["requests_per_second"] / health, 3)
+    write_ratio = round(results["post_record"]["requests_per_second"] / health, 3)
+    document = {
+        "machine": machine_info(),
+        "command": f"PYTHONPATH=src python bench/api_bench.py --seconds {args.seconds}",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "method": "phivault serve (1 worker, HTTPS, PostgreSQL, log level warning); wrk -t2 "
+                  "-c32 on the same 2-core machine, one run per route",
+        **results,
+        "read_ratio_to_healthz": read_ratio,
+        "write_ratio_to_healthz": write_ratio,
+        "targets": TARGETS,
+        "meets_targets": {
+            "read_ratio": read_ratio >= TARGETS["read_ratio"],
+            "read_p99": (results["get_record"]["p99_ms"] or 1e9) < TARGETS["read_p99_ms"],
+            "write_ratio": write_ratio >= TARGETS["write_ratio"],
+            "no_errors": all(r["non_2xx"] == 0 for r in results.values()),
+        },
+    }
+    RESULT.write_text(json.dumps(document, indent=2) + "\n")
+    print(json.dumps(document, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,8 @@ from phivault.crypto.envelope import Envelope
 from phivault.db.base import utcnow
 from phivault.db.paging import fetch_page
 from phivault.errors import InvalidRequest, NotFound
-from phivault.keys.service import new_row_cipher, row_cipher
+from phivault.keys.models import DataKeyRow
+from phivault.keys.service import cipher_from_wrapped, new_row_cipher, row_cipher
 
 VERSIONS = "medical_record_versions"
 PRESCRIPTIONS = "prescriptions"
@@ -51,8 +52,12 @@ def _seal_version(session: AsyncSession, envelope: Envelope, record: MedicalReco
 
 
 async def _open_version(session: AsyncSession, envelope: Envelope, record: MedicalRecord,
-                        row: MedicalRecordVersion) -> RecordView:
-    cipher = await row_cipher(session, envelope, VERSIONS, row.id, row.data_key_id)
+                        row: MedicalRecordVersion, wrapped: bytes | None = None,
+                        fetched: bool = False) -> RecordView:
+    """The view of one version; `fetched`: its wrapped data key came with the row."""
+    cipher = (cipher_from_wrapped(envelope, VERSIONS, row.id, row.data_key_id, wrapped)
+              if fetched else await row_cipher(session, envelope, VERSIONS, row.id,
+                                               row.data_key_id))
     prescriptions = json.loads(cipher.open("prescriptions", row.prescriptions))
     return RecordView(id=record.id, patient_id=record.patient_id, author_id=row.author_id,
                       version=row.version, diagnosis=cipher.open("diagnosis", row.diagnosis),
@@ -75,6 +80,15 @@ async def create_record(session: AsyncSession, envelope: Envelope, claims: Acces
                  resource_id=record.id, patient_id=patient_id,
                  metadata={"version": 1, **basis_metadata(basis)})
     return await _open_version(session, envelope, record, row)
+
+
+# A record with its latest version and the wrapped data key of that version.
+_LATEST = (
+    select(MedicalRecord, MedicalRecordVersion, DataKeyRow.wrapped)
+    .join(MedicalRecordVersion, (MedicalRecordVersion.record_id == MedicalRecord.id)
+          & (MedicalRecordVersion.version == MedicalRecord.latest_version))
+    .join(DataKeyRow, DataKeyRow.id == MedicalRecordVersion.data_key_id, isouter=True)
+)
 
 
 async def _latest(session: AsyncSession, record: MedicalRecord) -> MedicalRecordVersion:
@@ -103,13 +117,11 @@ async def list_records(session: AsyncSession, envelope: Envelope, claims: Access
     where = MedicalRecord.patient_id == patient_id
     total = int((await session.execute(
         select(func.count()).select_from(MedicalRecord).where(where))).scalar_one())
-    pairs = (await session.execute(
-        select(MedicalRecord, MedicalRecordVersion)
-        .join(MedicalRecordVersion, (MedicalRecordVersion.record_id == MedicalRecord.id)
-              & (MedicalRecordVersion.version == MedicalRecord.latest_version))
-        .where(where).order_by(MedicalRecord.created_at.desc(), MedicalRecord.id)
+    rows = (await session.execute(
+        _LATEST.where(where).order_by(MedicalRecord.created_at.desc(), MedicalRecord.id)
         .limit(limit).offset(offset))).all()
-    views = [await _open_version(session, envelope, record, row) for record, row in pairs]
+    views = [await _open_version(session, envelope, record, row, wrapped, fetched=True)
+             for record, row, wrapped in rows]
     for view in views:
         audit.record(session, Action.VIEW_MEDICAL_RECORD, resource_type="medical_record",
                      resource_id=view.id, patient_id=patient_id,
@@ -119,8 +131,15 @@ async def list_records(session: AsyncSession, envelope: Envelope, claims: Access
 
 async def read_record(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
                       record_id: uuid.UUID) -> RecordView:
-    record, basis = await _record_for(session, claims, record_id, write=False)
-    view = await _open_version(session, envelope, record, await _latest(session, record))
+    # The record, its latest version and that version's data key in one round trip; nothing
+    # is opened before the access check.
+    found = (await session.execute(_LATEST.where(MedicalRecord.id == record_id))).one_or_none()
+    if found is None:
+        raise deny(session, NotFound(), None, "medical_record", "no_such_record")
+    record, latest, wrapped = found
+    basis = await require_chart_access(session, claims, record.patient_id, write=False,
+                                       resource_type="medical_record")
+    view = await _open_version(session, envelope, record, latest, wrapped, fetched=True)
     audit.record(session, Action.VIEW_MEDICAL_RECORD, resource_type="medical_record",
                  resource_id=record.id, patient_id=record.patient_id,
                  metadata={"version": view.version, **basis_metadata(basis)})

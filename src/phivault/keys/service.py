@@ -82,6 +82,13 @@ async def row_cipher(session: AsyncSession, envelope: Envelope, table: str, row_
     its values can never be opened again."""
     wrapped = (await session.execute(select(DataKeyRow.wrapped)
                                      .where(DataKeyRow.id == data_key_id))).scalar_one_or_none()
+    return cipher_from_wrapped(envelope, table, row_id, data_key_id, wrapped)
+
+
+def cipher_from_wrapped(envelope: Envelope, table: str, row_id: uuid.UUID,
+                        data_key_id: uuid.UUID, wrapped: bytes | None) -> RowCipher:
+    """`row_cipher` for a caller that fetched the wrapped key itself, in the same query as the
+    row (an outer join on `data_keys`: None when the key is gone)."""
     if wrapped is None:
         raise IntegrityError()
     return RowCipher(envelope, envelope.unwrap(data_key_id, wrapped), table, row_id)

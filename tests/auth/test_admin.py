@@ -204,3 +204,25 @@ async def test_doctor_directory(client: httpx.AsyncClient, runtime: Runtime) -> 
     assert all(set(d) == {"id", "full_name", "specialty"} for d in listed.json())
     assert int(listed.headers["x-total-count"]) >= 1
     assert (await client.get("/api/v1/doctors")).status_code == 401
+
+
+async def test_every_admin_action_is_audited(client: httpx.AsyncClient,
+                                             runtime: Runtime) -> None:
+    admin, doctor = await signed_in(runtime, "admin"), await signed_in(runtime, "doctor")
+    answers = {
+        "CREATE_USER": await client.post(USERS, headers=admin.headers, json={
+            "email": new_email("aud"), "full_name": "Audited Auditor", "role": "auditor"}),
+        "VIEW_USERS": await client.get(USERS, headers=admin.headers),
+        "UPDATE_USER": await client.patch(f"{USERS}/{doctor.id}", headers=admin.headers,
+                                          json={"status": "disabled"}),
+        "SESSION_REVOKED": await client.delete(f"{USERS}/{doctor.id}/sessions",
+                                               headers=admin.headers),
+    }
+    async with runtime.sessions() as session:
+        for action, response in answers.items():
+            assert response.status_code < 300, (action, response.text)
+            events = (await session.execute(select(AuditEvent).where(
+                AuditEvent.request_id == response.headers["x-request-id"]))).scalars().all()
+            assert [(e.action, e.actor_id, e.actor_role, e.outcome) for e in events] == [
+                (action, admin.id, "admin", "success")], action
+            assert all("@" not in str(v) for e in events for v in e.event_metadata.values())

@@ -13,6 +13,7 @@ import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -96,9 +97,8 @@ class Authenticator:
         stored = user.password_hash if user is not None else None
         valid = await self.passwords.verify(stored, password)
         if user is None or not valid or user.status != "active":
-            await self._failed(session, account, user, "unknown_account" if user is None
-                               else "bad_password" if not valid else "inactive")
-        assert user is not None and stored is not None  # noqa: S101 - checked just above
+            self._failed(session, user, "unknown_account" if user is None
+                         else "bad_password" if not valid else "inactive")
         if user.totp_enabled:
             if totp_code is None:
                 # The password was right: this attempt is no failure.
@@ -111,9 +111,9 @@ class Authenticator:
                 "totp_secret", user.totp_secret or b"")
             step = mfa.matching_step(secret, totp_code, after_step=user.totp_last_step)
             if step is None or not await _claim_totp_step(session, user.id, step):
-                await self._failed(session, account, user, "bad_totp")
+                self._failed(session, user, "bad_totp")
         await self.limits.attempt_succeeded(account)
-        if self.passwords.needs_rehash(stored):
+        if stored is not None and self.passwords.needs_rehash(stored):
             user.password_hash = await self.passwords.hash(password)
         actor = Actor(user.id, user.role)
         if user.role in self.mfa_roles and not user.totp_enabled:
@@ -129,8 +129,8 @@ class Authenticator:
                      resource_id=user.id, metadata={"session_id": str(login.id)})
         return self._issue(session, user, login)
 
-    async def _failed(self, session: AsyncSession, account: str, user: User | None,
-                      reason: str) -> None:
+    def _failed(self, session: AsyncSession, user: User | None, reason: str) -> NoReturn:
+        """Audit the failed attempt (it stays counted by the lock-out) and refuse it."""
         audit.record(session, Action.LOGIN_FAILURE, outcome=Outcome.DENIED,
                      actor=Actor(user.id, user.role) if user else Actor(None, None),
                      resource_type="user", resource_id=user.id if user else None,

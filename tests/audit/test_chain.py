@@ -167,6 +167,26 @@ async def test_event_appended_around_the_head_is_caught(
     assert (result.ok, result.first_bad_seq) == (False, 4)
 
 
+@pytest.mark.tampers
+async def test_head_rewound_with_a_wrong_hash_is_caught(fresh_runtime: Callable[..., Any]) -> None:
+    rt = await fresh_runtime()
+    await _append(rt, 5)
+    # Cut the last event and move the head's seq back, but keep the head's (old) hash.
+    await _raw(rt, "DELETE FROM audit_events WHERE seq = 5")
+    await _raw(rt, "UPDATE audit_head SET seq = 4")
+    result = await service.verify_snapshot(rt.sessions, rt.audit_key)
+    assert (result.ok, result.first_bad_seq) == (False, 4)
+
+
+@pytest.mark.tampers
+async def test_head_hash_edited_alone_is_caught(fresh_runtime: Callable[..., Any]) -> None:
+    rt = await fresh_runtime()
+    await _append(rt, 3)
+    await _raw(rt, "UPDATE audit_head SET hash = :forged", forged=bytes(32))
+    result = await service.verify_snapshot(rt.sessions, rt.audit_key)
+    assert (result.ok, result.first_bad_seq) == (False, 3)
+
+
 async def test_another_key_does_not_verify(fresh_runtime: Callable[..., Any]) -> None:
     rt = await fresh_runtime()
     await _append(rt, 2)

@@ -15,7 +15,6 @@ from phivault.access.guards import Public
 from phivault.runtime import Runtime
 from phivault.web.app import create_app
 from phivault.web.dependencies import SessionDep
-from phivault.web.middleware import MAX_BODY
 from tests.factories import bearer
 
 SECURITY_HEADERS = {
@@ -136,7 +135,7 @@ async def test_422_names_fields_without_echoing_values(
 
 
 async def test_body_over_1mib_is_413_by_content_length(probe: httpx.AsyncClient) -> None:
-    payload = b'{"password": "' + b"a" * MAX_BODY + b'"}'
+    payload = b'{"password": "' + b"a" * (1024 * 1024 + 1) + b'"}'
     response = await probe.post("/test/echo", content=payload,
                                 headers={"content-type": "application/json"})
     assert response.status_code == 413

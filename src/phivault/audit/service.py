@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from phivault.audit.actions import Action, Outcome
@@ -118,6 +118,16 @@ def requeue(session: AsyncSession, events: list[PendingEvent]) -> None:
     session.info[PENDING_KEY] = events + session.info.get(PENDING_KEY, [])
 
 
+# The append's three statements, built once (they run in every unit of work that audits), as
+# Core statements on the tables: events are written, never loaded back as ORM objects.
+_EVENTS = AuditEvent.metadata.tables[AuditEvent.__tablename__]
+_HEAD = AuditHead.metadata.tables[AuditHead.__tablename__]
+_LOCK_HEAD = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
+_INSERT_EVENTS = insert(_EVENTS)
+_MOVE_HEAD = (update(_HEAD).where(_HEAD.c.id == 1)
+              .values(seq=bindparam("new_seq"), hash=bindparam("new_hash")))
+
+
 async def append(session: AsyncSession, key: bytes, events: list[PendingEvent]) -> None:
     """Append `events` to the chain inside `session`'s transaction (the caller commits).
 
@@ -127,12 +137,9 @@ async def append(session: AsyncSession, key: bytes, events: list[PendingEvent]) 
     """
     if not events:
         return
-    head = (await session.execute(
-        select(AuditHead).where(AuditHead.id == 1).with_for_update()
-        .execution_options(populate_existing=True)
-    )).scalar_one()
-    seq, prev = head.seq, head.hash
+    seq, prev = (await session.execute(_LOCK_HEAD)).one()
     at = utcnow()
+    rows: list[dict[str, Any]] = []
     for pending in events:
         seq += 1
         event = ChainedEvent(
@@ -144,16 +151,17 @@ async def append(session: AsyncSession, key: bytes, events: list[PendingEvent]) 
             hash=b"",
         )
         digest = chain_hash(key, prev, canonical_json(event))
-        session.add(AuditEvent(
-            seq=seq, at=at, actor_id=event.actor_id, actor_role=event.actor_role,
-            action=event.action, resource_type=event.resource_type,
-            resource_id=event.resource_id, patient_id=event.patient_id, outcome=event.outcome,
-            ip=event.ip, user_agent=event.user_agent, request_id=event.request_id,
-            event_metadata=dict(event.metadata), prev_hash=prev, hash=digest,
-        ))
+        rows.append({
+            "seq": seq, "at": at, "actor_id": event.actor_id, "actor_role": event.actor_role,
+            "action": event.action, "resource_type": event.resource_type,
+            "resource_id": event.resource_id, "patient_id": event.patient_id,
+            "outcome": event.outcome, "ip": event.ip, "user_agent": event.user_agent,
+            "request_id": event.request_id, "metadata": dict(event.metadata),
+            "prev_hash": prev, "hash": digest,
+        })
         prev = digest
-    head.seq, head.hash = seq, prev
-    await session.flush()
+    await session.execute(_INSERT_EVENTS, rows)
+    await session.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
 
 
 # The event columns in `ChainedEvent`'s field order, read as plain rows: verification is a hot

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from phivault.access.care import Basis, deny, require_chart_access
@@ -91,6 +91,9 @@ _LATEST = (
 )
 
 
+_LATEST_BY_ID = _LATEST.where(MedicalRecord.id == bindparam("record_id"))
+
+
 async def _latest(session: AsyncSession, record: MedicalRecord) -> MedicalRecordVersion:
     return (await session.execute(select(MedicalRecordVersion).where(
         MedicalRecordVersion.record_id == record.id,
@@ -133,7 +136,7 @@ async def read_record(session: AsyncSession, envelope: Envelope, claims: AccessC
                       record_id: uuid.UUID) -> RecordView:
     # The record, its latest version and that version's data key in one round trip; nothing
     # is opened before the access check.
-    found = (await session.execute(_LATEST.where(MedicalRecord.id == record_id))).one_or_none()
+    found = (await session.execute(_LATEST_BY_ID, {"record_id": record_id})).one_or_none()
     if found is None:
         raise deny(session, NotFound(), None, "medical_record", "no_such_record")
     record, latest, wrapped = found

@@ -31,7 +31,7 @@ from phivault.crypto.tls import write_self_signed_certificate
 from phivault.db.migrate import upgrade
 from phivault.runtime import Runtime
 
-RESULT = Path(__file__).parent / "results" / "api.json"
+RESULTS = Path(__file__).parent / "results"
 DATABASE = "phivault_bench_api"
 PASSWORD = "api bench passphrase 2026"  # noqa: S105 - a throwaway bench account
 TARGETS = {"read_ratio": 0.40, "read_p99_ms": 50.0, "write_ratio": 0.25}
@@ -113,6 +113,8 @@ def wrk(url: str, seconds: int, token: str, script: Path | None = None) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="phivault serve --workers (the result file says which)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("api_bench: needs wrk (apt-get install wrk)")
@@ -132,7 +134,7 @@ def main() -> None:
         env.update(PHIVAULT_TLS_CERT_FILE=str(cert), PHIVAULT_TLS_KEY_FILE=str(key),
                    PHIVAULT_LOG_LEVEL="warning")
         server = subprocess.Popen([sys.executable, "-m", "phivault.cli.main", "serve",
-                                   "--port", str(port)], env=env,
+                                   "--port", str(port), "--workers", str(args.workers)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(3)
         base = f"https://127.0.0.1:{port}"
@@ -157,10 +159,12 @@ def main() -> None:
     write_ratio = round(results["post_record"]["requests_per_second"] / health, 3)
     document = {
         "machine": machine_info(),
-        "command": f"PYTHONPATH=src python bench/api_bench.py --seconds {args.seconds}",
+        "command": f"PYTHONPATH=src python bench/api_bench.py --seconds {args.seconds} "
+                   f"--workers {args.workers}",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "method": "phivault serve (1 worker, HTTPS, PostgreSQL, log level warning); wrk -t2 "
-                  "-c32 on the same 2-core machine, one run per route",
+        "method": f"phivault serve ({args.workers} worker(s), HTTPS, PostgreSQL, log level "
+                  "warning); wrk -t2 -c32 on the same 2-core machine, one run per route",
+        "workers": args.workers,
         **results,
         "read_ratio_to_healthz": read_ratio,
         "write_ratio_to_healthz": write_ratio,
@@ -172,7 +176,8 @@ def main() -> None:
             "no_errors": all(r["non_2xx"] == 0 for r in results.values()),
         },
     }
-    RESULT.write_text(json.dumps(document, indent=2) + "\n")
+    name = "api.json" if args.workers == 1 else f"api-{args.workers}-workers.json"
+    (RESULTS / name).write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(document, indent=2))
 
 

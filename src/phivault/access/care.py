@@ -22,7 +22,7 @@ from phivault.audit.actions import Action, Outcome
 from phivault.auth.models import User
 from phivault.auth.tokens import AccessClaims
 from phivault.clinical.models import BreakGlassGrant, Consultation
-from phivault.db.base import utcnow
+from phivault.db.base import core_table, utcnow
 from phivault.errors import Forbidden, NoCareRelationship, NoConsent, NotFound
 from phivault.privacy.models import Consent
 
@@ -60,16 +60,18 @@ def deny(session: AsyncSession, error: Exception, patient_id: uuid.UUID | None,
 
 # The four facts a doctor's chart decision needs, in one round trip, built once: this runs on
 # every chart request, and building the statement would cost more than executing it.
+_USERS, _GRANTS, _CONSULTATIONS, _CONSENTS = (
+    core_table(User), core_table(BreakGlassGrant), core_table(Consultation), core_table(Consent))
 _CHART_FACTS = select(
-    exists().where(User.id == bindparam("patient"), User.role == Role.PATIENT),
-    exists().where(BreakGlassGrant.doctor_id == bindparam("doctor"),
-                   BreakGlassGrant.patient_id == bindparam("patient"),
-                   BreakGlassGrant.expires_at > bindparam("now")),
-    exists().where(Consultation.doctor_id == bindparam("doctor"),
-                   Consultation.patient_id == bindparam("patient"),
-                   Consultation.status.in_([literal(s) for s in CARE_STATUSES])),
-    select(Consent.data_sharing).where(Consent.patient_id == bindparam("patient"))
-    .order_by(Consent.version.desc()).limit(1).scalar_subquery(),
+    exists().where(_USERS.c.id == bindparam("patient"), _USERS.c.role == Role.PATIENT),
+    exists().where(_GRANTS.c.doctor_id == bindparam("doctor"),
+                   _GRANTS.c.patient_id == bindparam("patient"),
+                   _GRANTS.c.expires_at > bindparam("now")),
+    exists().where(_CONSULTATIONS.c.doctor_id == bindparam("doctor"),
+                   _CONSULTATIONS.c.patient_id == bindparam("patient"),
+                   _CONSULTATIONS.c.status.in_([literal(s) for s in CARE_STATUSES])),
+    select(_CONSENTS.c.data_sharing).where(_CONSENTS.c.patient_id == bindparam("patient"))
+    .order_by(_CONSENTS.c.version.desc()).limit(1).scalar_subquery(),
 )
 
 

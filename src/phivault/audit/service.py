@@ -27,7 +27,7 @@ from phivault.audit.chain import (
     chain_hash,
 )
 from phivault.audit.models import AuditEvent, AuditHead
-from phivault.db.base import utcnow
+from phivault.db.base import core_table, utcnow
 from phivault.db.engine import READ_ONLY
 from phivault.request_context import Actor, current_actor, current_request
 
@@ -120,8 +120,8 @@ def requeue(session: AsyncSession, events: list[PendingEvent]) -> None:
 
 # The append's three statements, built once (they run in every unit of work that audits), as
 # Core statements on the tables: events are written, never loaded back as ORM objects.
-_EVENTS = AuditEvent.metadata.tables[AuditEvent.__tablename__]
-_HEAD = AuditHead.metadata.tables[AuditHead.__tablename__]
+_EVENTS = core_table(AuditEvent)
+_HEAD = core_table(AuditHead)
 _LOCK_HEAD = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
 _INSERT_EVENTS = insert(_EVENTS)
 _MOVE_HEAD = (update(_HEAD).where(_HEAD.c.id == 1)

@@ -27,7 +27,7 @@ from phivault.auth.ratelimits import AuthLimits
 from phivault.auth.tokens import AccessClaims, AccessTokens
 from phivault.crypto.blind_index import BlindIndex, normalise_email
 from phivault.crypto.envelope import Envelope
-from phivault.db.base import utcnow
+from phivault.db.base import core_table, utcnow
 from phivault.errors import (
     InvalidCredentials,
     InvalidToken,
@@ -72,12 +72,13 @@ class IssuedTokens:
 
 # Run on every authenticated request: built once, so a request only binds its two ids (building
 # a statement costs more than executing a cached one).
+_SESSIONS, _USERS = core_table(AuthSession), core_table(User)
 _SESSION_STATE = (
-    select(AuthSession.kind, AuthSession.revoked_at, AuthSession.expires_at, User.status,
-           User.role)
-    .join(User, User.id == AuthSession.user_id)
-    .where(AuthSession.id == bindparam("session_id"),
-           AuthSession.user_id == bindparam("user_id"))
+    select(_SESSIONS.c.kind, _SESSIONS.c.revoked_at, _SESSIONS.c.expires_at, _USERS.c.status,
+           _USERS.c.role)
+    .join(_USERS, _USERS.c.id == _SESSIONS.c.user_id)
+    .where(_SESSIONS.c.id == bindparam("session_id"),
+           _SESSIONS.c.user_id == bindparam("user_id"))
 )
 
 class Authenticator:

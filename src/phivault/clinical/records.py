@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Row, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from phivault.access.care import Basis, deny, require_chart_access
@@ -23,11 +25,11 @@ from phivault.clinical.schemas import (
     RecordView,
 )
 from phivault.crypto.envelope import Envelope
-from phivault.db.base import utcnow
+from phivault.db.base import core_table, utcnow
 from phivault.db.paging import fetch_page
 from phivault.errors import InvalidRequest, NotFound
 from phivault.keys.models import DataKeyRow
-from phivault.keys.service import cipher_from_wrapped, new_row_cipher, row_cipher
+from phivault.keys.service import RowCipher, cipher_from_wrapped, new_row_cipher, row_cipher
 
 VERSIONS = "medical_record_versions"
 PRESCRIPTIONS = "prescriptions"
@@ -52,17 +54,26 @@ def _seal_version(session: AsyncSession, envelope: Envelope, record: MedicalReco
 
 
 async def _open_version(session: AsyncSession, envelope: Envelope, record: MedicalRecord,
-                        row: MedicalRecordVersion, wrapped: bytes | None = None,
-                        fetched: bool = False) -> RecordView:
-    """The view of one version; `fetched`: its wrapped data key came with the row."""
-    cipher = (cipher_from_wrapped(envelope, VERSIONS, row.id, row.data_key_id, wrapped)
-              if fetched else await row_cipher(session, envelope, VERSIONS, row.id,
-                                               row.data_key_id))
-    prescriptions = json.loads(cipher.open("prescriptions", row.prescriptions))
-    return RecordView(id=record.id, patient_id=record.patient_id, author_id=row.author_id,
+                        row: MedicalRecordVersion) -> RecordView:
+    """The view of one version of `record`."""
+    cipher = await row_cipher(session, envelope, VERSIONS, row.id, row.data_key_id)
+    return _view(cipher, record.id, record.patient_id, record.created_at, row)
+
+
+def _view(cipher: RowCipher, record_id: uuid.UUID, patient_id: uuid.UUID,
+          created_at: datetime, row: MedicalRecordVersion | Row[*tuple[Any, ...]]) -> RecordView:
+    """Open a version's fields (an ORM row, or a `_LATEST` row with the same field names)."""
+    return RecordView(id=record_id, patient_id=patient_id, author_id=row.author_id,
                       version=row.version, diagnosis=cipher.open("diagnosis", row.diagnosis),
-                      prescriptions=prescriptions, notes=cipher.open_optional("notes", row.notes),
-                      created_at=record.created_at, updated_at=row.created_at)
+                      prescriptions=json.loads(cipher.open("prescriptions", row.prescriptions)),
+                      notes=cipher.open_optional("notes", row.notes), created_at=created_at,
+                      updated_at=row.created_at)
+
+
+def _open_latest(envelope: Envelope, row: Row[*tuple[Any, ...]]) -> RecordView:
+    """The view of a `_LATEST` row: its data key came with it, so no further round trip."""
+    cipher = cipher_from_wrapped(envelope, VERSIONS, row.id, row.data_key_id, row.wrapped)
+    return _view(cipher, row.record_id, row.patient_id, row.record_created_at, row)
 
 
 async def create_record(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
@@ -82,16 +93,22 @@ async def create_record(session: AsyncSession, envelope: Envelope, claims: Acces
     return await _open_version(session, envelope, record, row)
 
 
-# A record with its latest version and the wrapped data key of that version.
+# A record with its latest version and that version's wrapped data key, in one round trip and
+# as plain columns (Core, no ORM objects): this runs on every record read. The version's own
+# columns keep their names, so `_view` opens a row of it like a `MedicalRecordVersion`.
+_RECORDS, _VERSIONS, _DATA_KEYS = (
+    core_table(MedicalRecord), core_table(MedicalRecordVersion), core_table(DataKeyRow))
 _LATEST = (
-    select(MedicalRecord, MedicalRecordVersion, DataKeyRow.wrapped)
-    .join(MedicalRecordVersion, (MedicalRecordVersion.record_id == MedicalRecord.id)
-          & (MedicalRecordVersion.version == MedicalRecord.latest_version))
-    .join(DataKeyRow, DataKeyRow.id == MedicalRecordVersion.data_key_id, isouter=True)
+    select(_RECORDS.c.id.label("record_id"), _RECORDS.c.patient_id,
+           _RECORDS.c.created_at.label("record_created_at"), _VERSIONS.c.id,
+           _VERSIONS.c.version, _VERSIONS.c.author_id, _VERSIONS.c.data_key_id,
+           _VERSIONS.c.diagnosis, _VERSIONS.c.prescriptions, _VERSIONS.c.notes,
+           _VERSIONS.c.created_at, _DATA_KEYS.c.wrapped)
+    .select_from(_RECORDS.join(_VERSIONS, (_VERSIONS.c.record_id == _RECORDS.c.id)
+                               & (_VERSIONS.c.version == _RECORDS.c.latest_version))
+                 .outerjoin(_DATA_KEYS, _DATA_KEYS.c.id == _VERSIONS.c.data_key_id))
 )
-
-
-_LATEST_BY_ID = _LATEST.where(MedicalRecord.id == bindparam("record_id"))
+_LATEST_BY_ID = _LATEST.where(_RECORDS.c.id == bindparam("record_id"))
 
 
 async def _latest(session: AsyncSession, record: MedicalRecord) -> MedicalRecordVersion:
@@ -117,14 +134,14 @@ async def list_records(session: AsyncSession, envelope: Envelope, claims: Access
     """The latest version of each of the patient's records."""
     basis = await require_chart_access(session, claims, patient_id, write=False,
                                        resource_type="medical_record")
-    where = MedicalRecord.patient_id == patient_id
     total = int((await session.execute(
-        select(func.count()).select_from(MedicalRecord).where(where))).scalar_one())
+        select(func.count()).select_from(MedicalRecord)
+        .where(MedicalRecord.patient_id == patient_id))).scalar_one())
     rows = (await session.execute(
-        _LATEST.where(where).order_by(MedicalRecord.created_at.desc(), MedicalRecord.id)
-        .limit(limit).offset(offset))).all()
-    views = [await _open_version(session, envelope, record, row, wrapped, fetched=True)
-             for record, row, wrapped in rows]
+        _LATEST.where(_RECORDS.c.patient_id == patient_id)
+        .order_by(_RECORDS.c.created_at.desc(), _RECORDS.c.id).limit(limit).offset(offset)
+    )).all()
+    views = [_open_latest(envelope, row) for row in rows]
     for view in views:
         audit.record(session, Action.VIEW_MEDICAL_RECORD, resource_type="medical_record",
                      resource_id=view.id, patient_id=patient_id,
@@ -139,12 +156,11 @@ async def read_record(session: AsyncSession, envelope: Envelope, claims: AccessC
     found = (await session.execute(_LATEST_BY_ID, {"record_id": record_id})).one_or_none()
     if found is None:
         raise deny(session, NotFound(), None, "medical_record", "no_such_record")
-    record, latest, wrapped = found
-    basis = await require_chart_access(session, claims, record.patient_id, write=False,
+    basis = await require_chart_access(session, claims, found.patient_id, write=False,
                                        resource_type="medical_record")
-    view = await _open_version(session, envelope, record, latest, wrapped, fetched=True)
+    view = _open_latest(envelope, found)
     audit.record(session, Action.VIEW_MEDICAL_RECORD, resource_type="medical_record",
-                 resource_id=record.id, patient_id=record.patient_id,
+                 resource_id=view.id, patient_id=view.patient_id,
                  metadata={"version": view.version, **basis_metadata(basis)})
     return view
 

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from phivault.crypto import IntegrityError
 from phivault.crypto.envelope import DataKey, Envelope
-from phivault.db.base import utcnow
+from phivault.db.base import core_table, utcnow
 from phivault.keys.models import DataKeyRow
 
 # AES-GCM with random 96-bit nonces: NIST SP 800-38D caps one key at 2^32 encryptions. A master
@@ -67,19 +67,28 @@ class RowCipher:
         return f"RowCipher(table={self.table!r}, row_id={self.row_id})"
 
 
+# The data keys a session made, by id: its unit of work's own rows are opened with them.
+_NEW_KEYS = "phivault.keys.new"
+
+
 def new_row_cipher(session: AsyncSession, envelope: Envelope, table: str,
                    row_id: uuid.UUID) -> RowCipher:
     """Create the data key of a new row (added to `session`) and a cipher for its values."""
     key = envelope.new_data_key(uuid.uuid4())
     session.add(DataKeyRow(id=key.id, kek_id=key.kek_id, wrapped=key.wrapped,
                            created_at=utcnow()))
+    session.info.setdefault(_NEW_KEYS, {})[key.id] = key
     return RowCipher(envelope, key, table, row_id)
 
 
 async def row_cipher(session: AsyncSession, envelope: Envelope, table: str, row_id: uuid.UUID,
                      data_key_id: uuid.UUID) -> RowCipher:
     """The cipher of an existing row. A missing data key (an erased row) is an IntegrityError:
-    its values can never be opened again."""
+    its values can never be opened again. A key made in this session (a row just written, now
+    answered) is used as it is, without a round trip."""
+    made: dict[uuid.UUID, DataKey] = session.info.get(_NEW_KEYS, {})
+    if data_key_id in made:
+        return RowCipher(envelope, made[data_key_id], table, row_id)
     wrapped = (await session.execute(select(DataKeyRow.wrapped)
                                      .where(DataKeyRow.id == data_key_id))).scalar_one_or_none()
     return cipher_from_wrapped(envelope, table, row_id, data_key_id, wrapped)
@@ -168,8 +177,7 @@ async def rewrap_batch(session: AsyncSession, envelope: Envelope, batch_size: in
         updates.append({"b_id": dek_id, "b_wrapped": wrapped if new is None else new})
     if updates:
         await session.execute(
-            update(DataKeyRow.__table__)  # type: ignore[arg-type]
-            .where(DataKeyRow.__table__.c.id == bindparam("b_id"))
+            update(core_table(DataKeyRow)).where(core_table(DataKeyRow).c.id == bindparam("b_id"))
             .values(wrapped=bindparam("b_wrapped"), kek_id=ring.active_id),
             updates,
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import datetime
 import json
 import os
@@ -62,7 +61,7 @@ def make_events(key: bytes, count: int) -> list[ChainedEvent]:
             metadata={"version": 1}, prev_hash=prev, hash=b"",
         )
         digest = chain_hash(key, prev, canonical_json(event))
-        events.append(dataclasses.replace(event, hash=digest))
+        events.append(event._replace(hash=digest))
         prev = digest
     return events
 

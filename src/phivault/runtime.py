@@ -26,6 +26,7 @@ from phivault.crypto.blind_index import BlindIndex
 from phivault.crypto.envelope import Envelope
 from phivault.db.engine import create_engine, create_sessionmaker
 from phivault.errors import PhivaultError
+from phivault.keys.service import forget_new_keys
 
 __all__ = ["Runtime"]
 
@@ -107,12 +108,14 @@ class Runtime:
         try:
             await audit_service.append(session, self.audit_key, events)
             await session.commit()
+            forget_new_keys(session)
         except BaseException:
             audit_service.requeue(session, events)  # so that the durable ones survive
             raise
 
     async def _roll_back(self, session: AsyncSession, exc: BaseException) -> None:
         await session.rollback()
+        forget_new_keys(session)
         durable = audit_service.take_pending(session, durable_only=True)
         if isinstance(exc, IntegrityError):
             audit_service.record(session, Action.INTEGRITY_FAILURE, outcome=Outcome.ERROR)

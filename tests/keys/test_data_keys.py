@@ -57,3 +57,33 @@ async def test_missing_data_key_is_an_integrity_error(runtime: Runtime) -> None:
         with pytest.raises(IntegrityError):
             await service.row_cipher(session, runtime.envelope, "t", uuid.uuid4(),
                                      uuid.uuid4())
+
+
+async def test_a_key_made_in_a_unit_of_work_opens_its_rows_there_and_is_forgotten_at_commit(
+        runtime: Runtime) -> None:
+    row_id = uuid.uuid4()
+    async with runtime.unit_of_work() as session:
+        cipher = service.new_row_cipher(session, runtime.envelope, "medical_records", row_id)
+        sealed = cipher.seal("diagnosis", "Qwertyuiop fever")
+        # Not flushed yet: the key comes from the session, not from a round trip.
+        again = await service.row_cipher(session, runtime.envelope, "medical_records", row_id,
+                                         cipher.data_key_id)
+        assert again.open("diagnosis", sealed) == "Qwertyuiop fever"
+        with pytest.raises(IntegrityError):  # still bound to its table, column and row
+            again.open("notes", sealed)
+        held = session
+    assert service._NEW_KEYS not in held.info  # noqa: SLF001 - what the session keeps
+
+
+async def test_a_rolled_back_key_is_gone_from_the_session_and_the_database(
+        runtime: Runtime) -> None:
+    row_id = uuid.uuid4()
+    with pytest.raises(RuntimeError):
+        async with runtime.unit_of_work() as session:
+            cipher = service.new_row_cipher(session, runtime.envelope, "t", row_id)
+            held = session
+            raise RuntimeError("the action failed")
+    assert service._NEW_KEYS not in held.info  # noqa: SLF001 - what the session keeps
+    async with runtime.sessions() as session:
+        with pytest.raises(IntegrityError):
+            await service.row_cipher(session, runtime.envelope, "t", row_id, cipher.data_key_id)

@@ -9,22 +9,21 @@ audit key can forge a replacement.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 GENESIS_HASH = bytes(32)
 
 
-@dataclass(frozen=True, slots=True)
-class ChainedEvent:
-    """The fields of one event that the chain covers, plus its two hashes."""
+class ChainedEvent(NamedTuple):
+    """The fields of one event that the chain covers, plus its two hashes. A tuple: a database
+    row of the same columns in this order is verified as it is, unpacked, never copied."""
 
     seq: int
     at: datetime
@@ -44,34 +43,49 @@ class ChainedEvent:
 
 
 def format_time(at: datetime) -> str:
-    """The one textual form of an event time: UTC, microseconds, `Z`."""
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """The one textual form of an event time: UTC, microseconds, `Z` (as `strftime` would write
+    it, a test pins that, without its cost: verification formats every event's time)."""
+    if at.tzinfo is not UTC:
+        at = at.astimezone(UTC)
+    return (f"{at.year:04d}-{at.month:02d}-{at.day:02d}T{at.hour:02d}:{at.minute:02d}:"
+            f"{at.second:02d}.{at.microsecond:06d}Z")
 
 
 def canonical_json(event: ChainedEvent) -> bytes:
+    return canonical_fields(*event[:13])
+
+
+def canonical_fields(seq: int, at: datetime, actor_id: uuid.UUID | None, actor_role: str | None,
+                     action: str, resource_type: str | None, resource_id: str | None,
+                     patient_id: uuid.UUID | None, outcome: str, ip: str | None,
+                     user_agent: str | None, request_id: str | None,
+                     metadata: Mapping[str, Any]) -> bytes:
+    """The canonical JSON of an event's fields (all but the two hashes)."""
     body = {
-        "seq": event.seq,
-        "at": format_time(event.at),
-        "actor_id": str(event.actor_id) if event.actor_id else None,
-        "actor_role": event.actor_role,
-        "action": event.action,
-        "resource_type": event.resource_type,
-        "resource_id": event.resource_id,
-        "patient_id": str(event.patient_id) if event.patient_id else None,
-        "outcome": event.outcome,
-        "ip": event.ip,
-        "user_agent": event.user_agent,
-        "request_id": event.request_id,
-        "metadata": dict(event.metadata),
+        "seq": seq,
+        # orjson writes an aware UTC time with microseconds in exactly `format_time`'s form, in
+        # C; it drops a zero fraction, so that case takes the string (a test pins both).
+        "at": at if at.tzinfo is UTC and at.microsecond else format_time(at),
+        "actor_id": str(actor_id) if actor_id else None,
+        "actor_role": actor_role,
+        "action": action,
+        "resource_type": resource_type,
+        "resource_id": resource_id,
+        "patient_id": str(patient_id) if patient_id else None,
+        "outcome": outcome,
+        "ip": ip,
+        "user_agent": user_agent,
+        "request_id": request_id,
+        "metadata": dict(metadata),
     }
     # orjson with sorted keys gives the same bytes as json.dumps(sort_keys=True, separators=
     # (",", ":"), ensure_ascii=False) (a test pins it), about ten times faster: verification is
     # a hot loop (SPEC §14).
-    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z)
 
 
 def chain_hash(key: bytes, prev_hash: bytes, canonical: bytes) -> bytes:
-    return hmac.new(key, prev_hash + canonical, hashlib.sha256).digest()
+    return hmac.digest(key, prev_hash + canonical, "sha256")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,23 +112,26 @@ class ChainVerifier:
         self.events = 0
         self.first_bad_seq: int | None = None
 
-    def feed(self, events: Iterable[ChainedEvent]) -> None:
+    def feed(self, events: Iterable[Sequence[Any]]) -> None:
+        """Check `ChainedEvent`s, or database rows of the same fields in the same order."""
         key = self._key
         for event in events:
             self.events += 1
             if self.first_bad_seq is not None:
                 continue
-            if event.seq != self._expected_seq:
+            *fields, prev_hash, digest = event
+            seq = fields[0]
+            if seq != self._expected_seq:
                 # A gap (an event removed) or a duplicate/out-of-order seq (one inserted or
                 # moved): the chain breaks at the first seq that is not what it should be.
-                self.first_bad_seq = min(event.seq, self._expected_seq)
+                self.first_bad_seq = min(seq, self._expected_seq)
                 continue
-            expected = chain_hash(key, self._prev_hash, canonical_json(event))
-            if not (hmac.compare_digest(event.prev_hash, self._prev_hash)
-                    and hmac.compare_digest(event.hash, expected)):
-                self.first_bad_seq = event.seq
+            expected = chain_hash(key, self._prev_hash, canonical_fields(*fields))
+            if not (hmac.compare_digest(prev_hash, self._prev_hash)
+                    and hmac.compare_digest(digest, expected)):
+                self.first_bad_seq = seq
                 continue
-            self._prev_hash = event.hash
+            self._prev_hash = digest
             self._expected_seq += 1
 
     def finish(self, head_seq: int, head_hash: bytes) -> VerifyResult:

@@ -67,8 +67,15 @@ class RowCipher:
         return f"RowCipher(table={self.table!r}, row_id={self.row_id})"
 
 
-# The data keys a session made, by id: its unit of work's own rows are opened with them.
+# The data keys a session made, by id: its unit of work's own rows are opened with them, until
+# the transaction ends (`forget_new_keys`).
 _NEW_KEYS = "phivault.keys.new"
+
+
+def forget_new_keys(session: AsyncSession) -> None:
+    """Drop the keys this session made: after a commit their rows are read from the database
+    like any other; after a rollback the rows (and keys) do not exist."""
+    session.info.pop(_NEW_KEYS, None)
 
 
 def new_row_cipher(session: AsyncSession, envelope: Envelope, table: str,

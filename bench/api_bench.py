@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +94,9 @@ def free_port() -> int:
         return port
 
 
-def wrk(url: str, seconds: int, token: str, script: Path | None = None) -> dict[str, Any]:
-    command = ["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency", "-H",
+def wrk(url: str, seconds: int, token: str, script: Path | None = None,
+        connections: int = 32) -> dict[str, Any]:
+    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-H",
                f"Authorization: Bearer {token}"]
     if script:
         command += ["-s", str(script)]
@@ -110,18 +113,12 @@ def wrk(url: str, seconds: int, token: str, script: Path | None = None) -> dict[
             "socket_errors": socket_errors.group(1) if socket_errors else None}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=1,
-                        help="phivault serve --workers (the result file says which)")
-    args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        sys.exit("api_bench: needs wrk (apt-get install wrk)")
+@contextlib.contextmanager
+def served(values: dict[str, Any], workers: int) -> Iterator[tuple[str, dict[str, str], Path]]:
+    """A fresh PostgreSQL database, seeded (`seed`), served by `phivault serve` over HTTPS:
+    yields the base URL, the seeded ids and token, and a scratch directory."""
     asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)'))
     asyncio.run(pg_admin(f'CREATE DATABASE "{DATABASE}"'))
-    values = {**keys(), "database_url": pg_url(DATABASE), "argon2_memory_kib": 19456,
-              "auth_rate_limit": "1000000/minute"}
     server = None
     try:
         ids = asyncio.run(seed(values))
@@ -134,10 +131,28 @@ def main() -> None:
         env.update(PHIVAULT_TLS_CERT_FILE=str(cert), PHIVAULT_TLS_KEY_FILE=str(key),
                    PHIVAULT_LOG_LEVEL="warning")
         server = subprocess.Popen([sys.executable, "-m", "phivault.cli.main", "serve",
-                                   "--port", str(port), "--workers", str(args.workers)], env=env,
+                                   "--port", str(port), "--workers", str(workers)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(3)
-        base = f"https://127.0.0.1:{port}"
+        yield f"https://127.0.0.1:{port}", ids, tmp
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+        asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)'))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="phivault serve --workers (the result file says which)")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("api_bench: needs wrk (apt-get install wrk)")
+    values = {**keys(), "database_url": pg_url(DATABASE), "argon2_memory_kib": 19456,
+              "auth_rate_limit": "1000000/minute"}
+    with served(values, args.workers) as (base, ids, tmp):
         post = tmp / "post.lua"
         post.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                         'wrk.body = \'{"diagnosis": "Acute bronchitis", "prescriptions": '
@@ -149,11 +164,6 @@ def main() -> None:
             "post_record": wrk(f"{base}/api/v1/patients/{ids['patient']}/records",
                                args.seconds, ids["token"], post),
         }
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
-        asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)'))
     health = results["healthz"]["requests_per_second"]
     read_ratio = round(results["get_record"]["requests_per_second"] / health, 3)
     write_ratio = round(results["post_record"]["requests_per_second"] / health, 3)

@@ -154,14 +154,7 @@ async def append(session: AsyncSession, key: bytes, events: list[PendingEvent]) 
             hash=b"",
         )
         digest = chain_hash(key, prev, canonical_json(event))
-        rows.append({
-            "seq": seq, "at": at, "actor_id": event.actor_id, "actor_role": event.actor_role,
-            "action": event.action, "resource_type": event.resource_type,
-            "resource_id": event.resource_id, "patient_id": event.patient_id,
-            "outcome": event.outcome, "ip": event.ip, "user_agent": event.user_agent,
-            "request_id": event.request_id, "metadata": dict(event.metadata),
-            "prev_hash": prev, "hash": digest,
-        })
+        rows.append(event._replace(hash=digest)._asdict())  # the fields are the column names
         prev = digest
     *earlier, last = rows
     if earlier:
@@ -177,13 +170,7 @@ async def append(session: AsyncSession, key: bytes, events: list[PendingEvent]) 
 # The event columns in `ChainedEvent`'s order, read as plain Core rows that the verifier unpacks
 # as they are: verification is a hot loop (SPEC §14: 200,000 events/s), too hot for ORM objects
 # or a copy of each row.
-_CHAIN_COLUMNS = tuple(
-    _EVENTS.c[column].label(name) for name, column in (
-        ("seq", "seq"), ("at", "at"), ("actor_id", "actor_id"), ("actor_role", "actor_role"),
-        ("action", "action"), ("resource_type", "resource_type"),
-        ("resource_id", "resource_id"), ("patient_id", "patient_id"), ("outcome", "outcome"),
-        ("ip", "ip"), ("user_agent", "user_agent"), ("request_id", "request_id"),
-        ("metadata", "metadata"), ("prev_hash", "prev_hash"), ("hash", "hash")))
+_CHAIN_COLUMNS = tuple(_EVENTS.c[name] for name in ChainedEvent._fields)
 _CHAIN_BATCH = select(*_CHAIN_COLUMNS).order_by(_EVENTS.c.seq).limit(VERIFY_BATCH)
 
 

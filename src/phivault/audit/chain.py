@@ -52,7 +52,7 @@ def format_time(at: datetime) -> str:
 
 
 def canonical_json(event: ChainedEvent) -> bytes:
-    return canonical_fields(*event[:13])
+    return canonical_fields(*event[:-2])  # every field but the two hashes
 
 
 def canonical_fields(seq: int, at: datetime, actor_id: uuid.UUID | None, actor_role: str | None,

@@ -69,7 +69,6 @@ class IssuedTokens:
     expires_in: int
 
 
-
 # Run on every authenticated request: built once, so a request only binds its two ids (building
 # a statement costs more than executing a cached one).
 _SESSIONS, _USERS = core_table(AuthSession), core_table(User)
@@ -80,6 +79,7 @@ _SESSION_STATE = (
     .where(_SESSIONS.c.id == bindparam("session_id"),
            _SESSIONS.c.user_id == bindparam("user_id"))
 )
+
 
 class Authenticator:
     """The authentication service of one runtime (its keys, hasher, limits and TTLs)."""

@@ -11,19 +11,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from phivault.runtime import Runtime
 
 
-def _runtime(request: Request) -> Runtime:
+# Dependencies are `async def`: FastAPI runs a plain `def` dependency in a worker thread, a
+# thread hop on every request for what is an attribute lookup (a test keeps it so).
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-# Dependencies are `async def`: FastAPI runs a plain `def` dependency in a worker thread, a
-# thread hop on every request for what is an attribute lookup.
-async def get_runtime(request: Request) -> Runtime:
-    return _runtime(request)
-
-
 async def _unit_of_work(request: Request) -> AsyncIterator[AsyncSession]:
-    async with _runtime(request).unit_of_work() as session:
+    async with (await get_runtime(request)).unit_of_work() as session:
         yield session
 
 

@@ -1,0 +1,53 @@
+"""Nothing on a request's path hops to a worker thread: FastAPI runs a plain `def` endpoint or
+dependency in the thread pool, which cost every request a round trip through it (found by
+profiling; argon2 and the attachment streams go to threads on purpose, inside the services)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from phivault.access.guards import app_routes
+from phivault.runtime import Runtime
+from phivault.web.app import create_app
+
+
+def _is_async(call: Any) -> bool:
+    if inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call):
+        return True
+    if inspect.isfunction(call) or inspect.isclass(call) or not callable(call):
+        return False
+    method = type(call).__call__  # a dependency instance (Allow, HTTPBearer...)
+    return inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method)
+
+
+def _sync_calls(dependant: Any, path: list[str]) -> list[str]:
+    found = []
+    for dependency in dependant.dependencies:
+        name = getattr(dependency.call, "__qualname__", type(dependency.call).__qualname__)
+        if dependency.call is not None and not _is_async(dependency.call):
+            found.append(" -> ".join([*path, name]))
+        found += _sync_calls(dependency, [*path, name])
+    return found
+
+
+def test_every_endpoint_and_dependency_is_async(runtime: Runtime) -> None:
+    offenders = []
+    routes = [r for r in app_routes(create_app(runtime=runtime)) if r.dependant is not None]
+    assert len(routes) > 30
+    for route in routes:
+        label = f"{sorted(route.methods)} {route.path}"
+        if not _is_async(route.dependant.call):
+            offenders.append(f"{label}: the endpoint")
+        offenders += [f"{label}: {chain}" for chain in _sync_calls(route.dependant, [])]
+    assert offenders == []
+
+
+def test_the_check_sees_a_plain_def() -> None:
+    def plain() -> None:
+        return None
+
+    async def coroutine() -> None:
+        return None
+
+    assert not _is_async(plain) and _is_async(coroutine)

@@ -40,6 +40,7 @@ fmt: $(VENV)/.dev-installed ## Sort imports and apply ruff's fixes.
 bench: $(VENV)/.dev-installed ## Run the benchmarks; results land in bench/results/.
 	PYTHONPATH=src $(BIN)/python bench/crypto_bench.py
 	PYTHONPATH=src $(BIN)/python bench/audit_bench.py
+	PYTHONPATH=src $(BIN)/python bench/audit_search_bench.py
 	PYTHONPATH=src $(BIN)/python bench/auth_bench.py
 	PYTHONPATH=src $(BIN)/python bench/attachment_bench.py
 	PYTHONPATH=src $(BIN)/python bench/api_bench.py

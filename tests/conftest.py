@@ -174,7 +174,9 @@ async def backend(request: pytest.FixtureRequest, _databases: dict[str, str],
 
 
 @pytest.fixture(scope="session")
-async def _runtimes() -> AsyncIterator[dict[str, Runtime]]:
+async def _runtimes(_databases: dict[str, str]) -> AsyncIterator[dict[str, Runtime]]:
+    """The shared runtimes; they close (chaining what they queued) before their databases are
+    dropped, hence the dependency on `_databases`."""
     made: dict[str, Runtime] = {}
     yield made
     for rt in made.values():
@@ -186,7 +188,9 @@ async def runtime(backend: Backend, keys_env: dict[str, str],
                   _runtimes: dict[str, Runtime]) -> Runtime:
     """The shared, migrated runtime of the test's backend (one per session and backend)."""
     if backend.name not in _runtimes:
-        rt = Runtime.from_settings(build_settings(keys_env, backend.url))
+        # Each unit of work's events are chained right after its commit, so tests read the
+        # chain at once; the background sequencer has tests of its own (tests/audit/).
+        rt = Runtime.from_settings(build_settings(keys_env, backend.url), chain_after_commit=True)
         await upgrade(rt.engine)
         _runtimes[backend.name] = rt
     return _runtimes[backend.name]
@@ -208,7 +212,9 @@ async def fresh_runtime(backend: Backend, tmp_path: Path,
         else:
             pg_name = f"phivault_f_{_worker()}_{secrets.token_hex(4)}"
             url = await create_pg_database(pg_name)
-        rt = Runtime.from_settings(build_settings(keys_env, url, **overrides))
+        chain_after_commit = overrides.pop("chain_after_commit", True)
+        rt = Runtime.from_settings(build_settings(keys_env, url, **overrides),
+                                   chain_after_commit=chain_after_commit)
         await upgrade(rt.engine)
         made.append((rt, pg_name))
         return rt
@@ -230,7 +236,8 @@ async def audit_chain_holds(request: pytest.FixtureRequest,
     rt = _runtimes.get(request.node.callspec.params["backend"])
     if rt is None:
         return
-    result = await audit_service.verify_snapshot(rt.sessions, rt.audit_key)
+    result = await audit_service.verify_snapshot(rt.sessions, rt.audit_key, rt.sequencer,
+                                                     rt.queue_key)
     assert result.ok, f"audit chain broken at seq {result.first_bad_seq}"
 
 

@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from phivault.crypto import KeyFormatError
+from phivault.crypto.audit_signing import CheckpointSigner, parse_audit_signing_keys
 from phivault.crypto.envelope import MasterKeyRing
 from phivault.crypto.keys import decode_key, is_dev_key, parse_key_ring
 from phivault.crypto.signing import SigningKey, parse_jwt_keys
@@ -32,12 +33,13 @@ ENV_PREFIX = "PHIVAULT_"
 
 # The settings that may also be given as `<NAME>_FILE` (a path to a file holding the value).
 SECRET_FIELDS = ("master_keys", "index_key", "audit_key", "jwt_keys", "redis_url", "metrics_token",
-                 "database_url")
+                 "database_url", "audit_signing_key")
 
 # The order in which problems are reported: the spec's table order, so the first line an
 # operator sees names the first variable they would look at.
 FIELD_ORDER = (
-    "env", "database_url", "master_keys", "index_key", "audit_key", "jwt_keys", "tls_cert_file",
+    "env", "database_url", "master_keys", "index_key", "audit_key", "jwt_keys",
+    "audit_signing_key", "tls_cert_file",
     "tls_key_file", "behind_proxy", "trusted_proxies", "redis_url", "access_token_ttl",
     "refresh_token_ttl", "auth_rate_limit", "lockout", "mfa_required_roles", "metrics_token",
     "header_timeout", "redis_prefix", "argon2_memory_kib", "argon2_time_cost",
@@ -110,6 +112,8 @@ class Settings(BaseSettings):
     index_key: SecretStr
     audit_key: SecretStr
     jwt_keys: SecretStr
+    # Signs audit checkpoints (`phivault audit checkpoint`); optional until one is made.
+    audit_signing_key: SecretStr | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     behind_proxy: bool = False
@@ -165,6 +169,14 @@ class Settings(BaseSettings):
         parse_jwt_keys(value.get_secret_value())
         return value
 
+    @field_validator("audit_signing_key")
+    @classmethod
+    def _check_audit_signing_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None  # optional: an empty value is no key
+        parse_audit_signing_keys(value.get_secret_value())
+        return value
+
     @field_validator("trusted_proxies")
     @classmethod
     def _check_proxies(cls, value: str) -> str:
@@ -218,6 +230,8 @@ class Settings(BaseSettings):
                 raise ConfigError(env_name(field), _DEV_KEY)
         if any(key.is_dev for key in self.signing_keys):
             raise ConfigError(env_name("jwt_keys"), _DEV_KEY)
+        if any(key.is_dev for key in self.checkpoint_signer.keys):
+            raise ConfigError(env_name("audit_signing_key"), _DEV_KEY)
         return self
 
     # Parsed forms, computed once per Settings object.
@@ -241,6 +255,20 @@ class Settings(BaseSettings):
     @cached_property
     def signing_keys(self) -> list[SigningKey]:
         return parse_jwt_keys(self.jwt_keys.get_secret_value())
+
+    @cached_property
+    def checkpoint_signer(self) -> CheckpointSigner:
+        """The audit checkpoint keys (none when `PHIVAULT_AUDIT_SIGNING_KEY` is unset)."""
+        text = self.audit_signing_key.get_secret_value() if self.audit_signing_key else ""
+        return CheckpointSigner(tuple(parse_audit_signing_keys(text)) if text else ())
+
+    def require_checkpoint_signer(self) -> CheckpointSigner:
+        """The checkpoint keys, or a `ConfigError` naming the variable when there are none."""
+        if not self.checkpoint_signer.keys:
+            raise ConfigError(env_name("audit_signing_key"),
+                              "is required for audit checkpoints but not set "
+                              "(`phivault keys generate --kind audit-signing` makes one)")
+        return self.checkpoint_signer
 
     @cached_property
     def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

@@ -58,6 +58,13 @@ class RateLimited(PhivaultError):
         self.retry_after = max(1, retry_after)
 
 
+class AccountLockedOut(RateLimited):
+    """Too many failed password attempts on one account (the lock-out), not too many requests
+    from one address: the audit trail tells the two apart."""
+
+    detail = "Too many failed logins for this account; try again later."
+
+
 class InvalidCredentials(PhivaultError):
     code = "invalid_credentials"
     detail = "The email, password or code is wrong."

@@ -2,7 +2,10 @@
 
 One `Runtime` is built per process (by the app factory or a CLI command) from `Settings`.
 `unit_of_work()` is the only way code gets a database session: it commits once at the end,
-appending the audit events queued during the work in the same transaction.
+queueing the audit events recorded during the work in the same transaction. The runtime's
+`sequencer` chains them afterwards: in the background (`start_background`, which the server
+does), and at once after each commit where `chain_after_commit` is set (SQLite, where writers
+take turns anyway, so chaining at once costs no concurrency).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from phivault.audit import service as audit_service
 from phivault.audit.actions import Action, Outcome
+from phivault.audit.sequencer import Sequencer
 from phivault.auth.accounts import Accounts
 from phivault.auth.passwords import Argon2Parameters, Passwords
 from phivault.auth.ratelimits import AuthLimits
@@ -24,11 +28,15 @@ from phivault.config import Settings
 from phivault.crypto import IntegrityError
 from phivault.crypto.blind_index import BlindIndex
 from phivault.crypto.envelope import Envelope
+from phivault.crypto.keys import derive_key
 from phivault.db.engine import create_engine, create_sessionmaker
 from phivault.errors import PhivaultError
 from phivault.keys.service import forget_new_keys
+from phivault.observability import get_logger
 
 __all__ = ["Runtime"]
+
+log = get_logger("phivault.runtime")
 
 
 @dataclass
@@ -44,10 +52,19 @@ class Runtime:
     authenticator: Authenticator
     accounts: Accounts
     audit_key: bytes = field(repr=False)
+    queue_key: bytes = field(repr=False)
+    sequencer: Sequencer
+    chain_after_commit: bool
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, pool_size: int = 10) -> Runtime:
+    def from_settings(cls, settings: Settings, *, pool_size: int = 10,
+                      chain_after_commit: bool | None = None) -> Runtime:
+        """Build the runtime. `chain_after_commit` (default: on SQLite only) chains each unit of
+        work's events right after its commit, instead of leaving them to the background."""
         engine = create_engine(settings.database_url_value, pool_size=pool_size)
+        queue_key = derive_key(settings.audit_key_bytes, "audit-queue")
+        if chain_after_commit is None:
+            chain_after_commit = engine.dialect.name == "sqlite"
         envelope = Envelope(settings.master_key_ring)
         blind_index = BlindIndex(settings.index_key_bytes)
         tokens = AccessTokens(settings.signing_keys, settings.access_token_ttl)
@@ -66,11 +83,22 @@ class Runtime:
                 tokens=tokens, refresh_ttl=settings.refresh_token_ttl,
                 mfa_roles=settings.mfa_roles),
             accounts=Accounts(envelope, blind_index, passwords),
-            audit_key=settings.audit_key_bytes,
+            audit_key=settings.audit_key_bytes, queue_key=queue_key,
+            sequencer=Sequencer(engine, settings.audit_key_bytes, queue_key,
+                                inline=chain_after_commit),
+            chain_after_commit=chain_after_commit,
         )
 
+    def start_background(self) -> None:
+        """Start this process's sequencer loop (a server process calls it at start-up)."""
+        self.sequencer.start()
+
     async def close(self) -> None:
-        await self.engine.dispose()
+        """Stop the sequencer (chaining what is committed), then close the database."""
+        try:
+            await self.sequencer.stop()
+        finally:
+            await self.engine.dispose()
 
     @asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[AsyncSession]:
@@ -106,12 +134,26 @@ class Runtime:
     async def _commit(self, session: AsyncSession) -> None:
         events = audit_service.take_pending(session)
         try:
-            await audit_service.append(session, self.audit_key, events)
+            await audit_service.enqueue(session, self.queue_key, events)
             await session.commit()
             forget_new_keys(session)
         except BaseException:
             audit_service.requeue(session, events)  # so that the durable ones survive
             raise
+        if events:
+            await self._queued()
+
+    async def _queued(self) -> None:
+        """Events were committed to the queue: chain them now, or wake the background loop."""
+        if not self.chain_after_commit:
+            self.sequencer.notify()
+            return
+        try:
+            await self.sequencer.flush()
+        except Exception as exc:  # noqa: BLE001 - the events are committed and stay queued
+            # The work is done and its events are safe in the queue; the next drain or the
+            # background loop chains them. Failing the request here would requeue them twice.
+            log.warning("audit_chain_after_commit_failed", error=type(exc).__name__)
 
     async def _roll_back(self, session: AsyncSession, exc: BaseException) -> None:
         await session.rollback()
@@ -125,5 +167,6 @@ class Runtime:
 
     async def _append_alone(self, events: list[audit_service.PendingEvent]) -> None:
         async with self.sessions() as session:
-            await audit_service.append(session, self.audit_key, events)
+            await audit_service.enqueue(session, self.queue_key, events)
             await session.commit()
+        await self._queued()

@@ -34,10 +34,11 @@ async def _raw(rt: Runtime, sql: str, **params: Any) -> None:
     """Tamper the way someone with database access would: around the ORM and the triggers."""
     async with rt.engine.begin() as connection:
         if rt.engine.dialect.name == "postgresql":
-            await connection.execute(text("SET session_replication_role = replica"))
+            await connection.execute(text("SET LOCAL session_replication_role = replica"))
         else:
             await connection.execute(text("DROP TRIGGER IF EXISTS audit_events_no_update"))
             await connection.execute(text("DROP TRIGGER IF EXISTS audit_events_no_delete"))
+            await connection.execute(text("DROP TRIGGER IF EXISTS audit_head_follows_chain"))
         await connection.execute(text(sql), params)
 
 

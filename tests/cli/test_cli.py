@@ -108,17 +108,19 @@ async def test_audit_verify_cli(fresh_runtime: Callable[..., Any]) -> None:
     env = cli_env(rt)
     good = run_cli("audit", "verify", "--json", env=env)
     assert good.returncode == 0, good.stderr
-    assert json.loads(good.stdout) == {"ok": True, "events": 3, "first_bad_seq": None}
+    assert json.loads(good.stdout) == {"ok": True, "events": 3, "first_bad_seq": None,
+                                   "queue_tampered": [], "queue_stale": 0}
     human = run_cli("audit", "verify", env=env)
     assert human.returncode == 0 and "audit chain holds: 4 events" in human.stdout
 
     async with rt.engine.begin() as connection:
         if rt.engine.dialect.name == "postgresql":
-            await connection.execute(text("SET session_replication_role = replica"))
+            await connection.execute(text("SET LOCAL session_replication_role = replica"))
         else:
             await connection.execute(text("DROP TRIGGER audit_events_no_update"))
         await connection.execute(text("UPDATE audit_events SET actor_role = 'admin' "
                                       "WHERE seq = 2"))
     bad = run_cli("audit", "verify", "--json", env=env)
     assert bad.returncode == 1
-    assert json.loads(bad.stdout) == {"ok": False, "events": 5, "first_bad_seq": 2}
+    assert json.loads(bad.stdout) == {"ok": False, "events": 5, "first_bad_seq": 2,
+                                   "queue_tampered": [], "queue_stale": 0}

@@ -113,6 +113,7 @@ async def test_behind_proxy_serves_http_on_loopback_and_believes_the_proxy(
         response = client.get(f"http://127.0.0.1:{port}/api/v1/audit/verify", headers={
             **(await bearer(rt, "auditor")), "X-Forwarded-For": "6.6.6.6, 198.51.100.23"})
     assert response.status_code == 200, response.text
+    await rt.sequencer.drain()  # the server chains in the background; a reader drains first
     async with rt.sessions() as session:
         event = (await session.execute(select(AuditEvent).where(
             AuditEvent.request_id == response.headers["x-request-id"]))).scalar_one()

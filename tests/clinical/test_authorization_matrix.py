@@ -155,9 +155,13 @@ MATRIX: tuple[Route, ...] = (
     # Break-glass: any doctor, whatever the relationship; nobody else.
     Route("POST", "/patients/{patient_id}/break-glass", "break_glass", by_role(doctor=ok(201)),
           json_body({"reason": BREAK_GLASS_REASON})),
+
+    # The audit trail: auditors search it; each patient reads their own access log.
+    Route("GET", "/audit", "audit", by_role(auditor=ok())),
+    Route("GET", "/me/access-log", "audit", by_role(patient=ok())),
 )
 
-FAMILIES = ("chart", "consultations", "consents", "break_glass")
+FAMILIES = ("chart", "consultations", "consents", "break_glass", "audit")
 
 # Routes under /api/v1 that touch no patient's clinical data.
 NON_CLINICAL = {"/api/v1/me", "/api/v1/me/sessions", "/api/v1/me/sessions/{session_id}",

@@ -1,6 +1,6 @@
 """No plaintext PHI in the database or the logs (SPEC §5): known plaintexts go into every PHI
-field through the API, then the raw database (SQLite file bytes; a pg_dump of PostgreSQL) and the
-captured log lines are searched for them."""
+field through the API, then the raw database (SQLite file bytes; a pg_dump of PostgreSQL), the
+audit events and the captured log lines are searched for them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from phivault.runtime import Runtime
 from tests.clinical.world import (
     API,
     book,
-    break_glass,
     expect,
     propose,
     set_consent,
@@ -60,6 +59,7 @@ async def store_phi(rt: Runtime, tag: str) -> tuple[list[str], list[str]]:
         "filename": f"mri-brain-{tag}.pdf",
         "file_text": f"CANARY-ATTACHMENT-CONTENT-{tag}",
         "second_reason": f"Second opinion on the MRI {tag}",
+        "break_glass_reason": f"Found unresponsive, suspected overdose {tag}",
     }
     controls = [f"pay_ref_{tag}"]  # a payment's provider reference is stored in clear
     async with client_for(rt) as client:
@@ -101,7 +101,9 @@ async def store_phi(rt: Runtime, tag: str) -> tuple[list[str], list[str]]:
                                      "amount": 4500, "currency": "EUR",
                                      "provider_reference": controls[0]}), 201)
         # Notifications: a proposal by a new doctor, and a break-glass access.
-        expect(await break_glass(client, other_doctor, patient.id), 201)
+        expect(await client.post(f"{API}/patients/{patient.id}/break-glass",
+                                 headers=other_doctor.headers,
+                                 json={"reason": phi["break_glass_reason"]}), 201)
         await propose(client, other_doctor, patient, reason=phi["second_reason"])
         notes = expect(await client.get(f"{API}/me/notifications", headers=patient.headers), 200)
         assert {n["kind"] for n in notes} >= {"break_glass", "consultation_proposed"}
@@ -119,6 +121,11 @@ async def store_phi(rt: Runtime, tag: str) -> tuple[list[str], list[str]]:
         expect(await client.get(f"{API}/patients/{patient.id}/attachments",
                                 headers=doctor.headers), 200)
         expect(await client.get(f"{API}/patients", headers=doctor.headers), 200)
+        # The break-glass reason reads back only through the audit API, for auditors.
+        auditor = await signed_in(rt, "auditor")
+        glass = expect(await client.get(f"{API}/audit", headers=auditor.headers, params={
+            "patient_id": str(patient.id), "action": "BREAK_GLASS"}), 200)
+        assert [e["break_glass_reason"] for e in glass] == [phi["break_glass_reason"]]
         # A denied and a failed request too: their log lines and events must not leak either.
         expect(await client.post(f"{API}/patients/{patient.id}/records",
                                  headers=other_doctor.headers, json={
@@ -141,6 +148,13 @@ async def test_no_plaintext_phi_in_the_database_or_the_logs(
     async with rt.sessions() as session:
         chain_hash = (await session.execute(select(AuditEvent.hash).order_by(
             AuditEvent.seq.desc()).limit(1))).scalar_one()
+
+    async with rt.sessions() as session:
+        events = (await session.execute(select(AuditEvent))).scalars().all()
+    trail = "\n".join(repr([getattr(e, c.key) for c in AuditEvent.__mapper__.column_attrs])
+                      for e in events)
+    assert str(events[0].seq) in trail  # the scan sees every column of every event
+    assert found_in(trail.encode(), plaintexts) == []
 
     storage = await raw_storage(rt, tmp_path)
     # The scan sees what is stored: a clear text value, and binary values (hex in a pg_dump).

@@ -106,7 +106,7 @@ def test_parse_key_ring_keeps_order() -> None:
         ("   ", "no key given"),
         (f"a:{UNPADDED},", "item 2 is empty"),
         (f"a:{UNPADDED},,b:{UNPADDED}", "item 2 is empty"),
-        (f"a:{UNPADDED},a:{b64url_encode(generate_key())}", "item 2: duplicate key id 'a'"),
+        (f"a:{UNPADDED},a:{b64url_encode(bytes(range(32, 64)))}", "item 2: duplicate key id 'a'"),
         (f"a:{UNPADDED},b:short", "item 2: key 'b': not base64url"),
     ],
 )

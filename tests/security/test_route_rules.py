@@ -8,7 +8,8 @@ from phivault.web.app import create_app
 
 # Framework routes that take no rule: the OpenAPI document only.
 FRAMEWORK_ROUTES = {"/openapi.json"}
-PUBLIC_ROUTES = {"/healthz", "/readyz", "/.well-known/jwks.json", "/docs", "/docs/init.js",
+PUBLIC_ROUTES = {"/healthz", "/readyz", "/.well-known/jwks.json", "/.well-known/audit-key.json",
+                 "/docs", "/docs/init.js",
                  "/api/v1/auth/register", "/api/v1/auth/login", "/api/v1/auth/refresh",
                  "/api/v1/auth/logout", "/api/v1/auth/setup"}
 

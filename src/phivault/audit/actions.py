@@ -19,6 +19,7 @@ class Action(StrEnum):
     TOKEN_REFRESH = "TOKEN_REFRESH"
     REFRESH_TOKEN_REUSE = "REFRESH_TOKEN_REUSE"
     SESSION_REVOKED = "SESSION_REVOKED"
+    MFA_SETUP_STARTED = "MFA_SETUP_STARTED"
     MFA_ENABLED = "MFA_ENABLED"
     PASSWORD_CHANGED = "PASSWORD_CHANGED"
     ACCOUNT_SETUP = "ACCOUNT_SETUP"
@@ -26,6 +27,12 @@ class Action(StrEnum):
     # Access control.
     ACCESS_DENIED = "ACCESS_DENIED"
     BREAK_GLASS = "BREAK_GLASS"
+    # An auditor read a break-glass reason (PHI) through the audit API; patient_id is set.
+    VIEW_BREAK_GLASS_REASON = "VIEW_BREAK_GLASS_REASON"
+    # Refusals anyone can cause at will: written rate-bounded (audit/flood.py).
+    MISSING_TOKEN = "MISSING_TOKEN"
+    INVALID_TOKEN = "INVALID_TOKEN"
+    RATE_LIMITED = "RATE_LIMITED"
 
     # Data-subject rights.
     CONSENT_CHANGED = "CONSENT_CHANGED"
@@ -48,6 +55,7 @@ class Action(StrEnum):
     # The audit trail itself.
     VIEW_AUDIT_TRAIL = "VIEW_AUDIT_TRAIL"
     VERIFY_AUDIT_CHAIN = "VERIFY_AUDIT_CHAIN"
+    AUDIT_CHECKPOINT = "AUDIT_CHECKPOINT"  # a signed head; resource_id is its seq
     EXPORT_AUDIT_TRAIL = "EXPORT_AUDIT_TRAIL"
 
     # PHI reads and writes: VIEW_/CREATE_/UPDATE_/DELETE_<RESOURCE>.

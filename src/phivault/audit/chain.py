@@ -88,14 +88,34 @@ def chain_hash(key: bytes, prev_hash: bytes, canonical: bytes) -> bytes:
     return hmac.digest(key, prev_hash + canonical, "sha256")
 
 
+def queue_mac(key: bytes, event_id: uuid.UUID, canonical: bytes) -> bytes:
+    """The MAC a queued event carries before it has a `seq`: HMAC-SHA256 under the queue's own
+    key (derived from the audit key) of its id and its canonical JSON with `seq` 0. A queued
+    row that is edited, or copied under another id, no longer matches it."""
+    return hmac.digest(key, event_id.bytes + canonical, "sha256")
+
+
 @dataclass(frozen=True, slots=True)
 class VerifyResult:
+    """What a verification found. `ok` is false when the chain breaks (`first_bad_seq`) or a
+    queued event no longer matches its MAC (`queue_tampered`, their queue ids).
+    `queue_stale` counts events that had waited in the queue longer than the maximum merge
+    delay when verification began: a sequencer that is not running, not tampering."""
+
     ok: bool
     events: int
     first_bad_seq: int | None
+    queue_tampered: tuple[int, ...] = ()
+    queue_stale: int = 0
 
     def as_dict(self) -> dict[str, Any]:
+        """The three fields of SPEC §12's `--json` answer."""
         return {"ok": self.ok, "events": self.events, "first_bad_seq": self.first_bad_seq}
+
+    def report(self) -> dict[str, Any]:
+        """`as_dict` and what was found in the queue."""
+        return {**self.as_dict(), "queue_tampered": list(self.queue_tampered),
+                "queue_stale": self.queue_stale}
 
 
 class ChainVerifier:
@@ -105,10 +125,13 @@ class ChainVerifier:
     also catches events cut off the end of the chain.
     """
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, *, start_seq: int = 1, prev_hash: bytes = GENESIS_HASH
+                 ) -> None:
+        """Expect `start_seq` first, chained to `prev_hash`: the genesis, or the head of a
+        checkpoint already proven (then only the events after it are fed)."""
         self._key = key
-        self._expected_seq = 1
-        self._prev_hash = GENESIS_HASH
+        self._expected_seq = start_seq
+        self._prev_hash = prev_hash
         self.events = 0
         self.first_bad_seq: int | None = None
 

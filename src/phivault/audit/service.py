@@ -1,32 +1,37 @@
-"""Recording audit events in the caller's transaction, appending them to the chain at commit,
-and verifying the stored chain.
+"""Recording audit events in the caller's transaction, queueing them at commit, and verifying
+the stored chain.
 
 Services call `record(session, ...)`; the events wait in the session until the unit of work
-commits, then `append_pending` locks the chain head, numbers and MACs them and inserts them in
-that same transaction. So an action and its events commit or roll back together, and the head's
-row lock is held only for the last moment of the transaction.
+commits, then `enqueue` inserts them, each with its own MAC, into `audit_queue` in that same
+transaction. So an action and its events commit or roll back together, and no request waits for
+another: the sequencer (`sequencer.py`) chains committed events afterwards.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from phivault.audit.actions import Action, Outcome
 from phivault.audit.chain import (
-    GENESIS_HASH,
-    ChainedEvent,
-    ChainVerifier,
     VerifyResult,
-    canonical_json,
-    chain_hash,
+    canonical_fields,
+    queue_mac,
 )
-from phivault.audit.models import AuditEvent, AuditHead
+from phivault.audit.models import AuditEvent, QueuedEvent, RejectedEvent
+from phivault.audit.sequencer import (
+    MAX_MERGE_DELAY_SECONDS,
+    QUEUE_COLUMNS,
+    Sequencer,
+    queued_event_intact,
+)
+from phivault.audit.verify import Anchor, verify_chain
 from phivault.db.base import core_table, utcnow
 from phivault.db.engine import READ_ONLY
 from phivault.request_context import Actor, current_actor, current_request
@@ -34,15 +39,25 @@ from phivault.request_context import Actor, current_actor, current_request
 PENDING_KEY = "phivault.audit.pending"
 VERIFY_BATCH = 5000
 
-# The only metadata keys an event may carry: ids, counts, codes, flags, and the reason of a
-# denial or a break-glass (free text the doctor writes knowing it is audited). An allowlist, so
-# a new key is a decision made here, never PHI slipping in under a new name.
+# The only metadata keys an event may carry: ids, counts, codes, flags and times, never free
+# text (a break-glass reason is PHI: it is sealed in its grant, not written here; `reason` is a
+# denial's code). An allowlist, so a new key is a decision made here, never PHI slipping in under
+# a new name. The `filter_*` keys, `since`, `until`, `order` and `limit` record an auditor's
+# search (`GET /audit`): ids, enum values and times, validated before they get here.
 METADATA_KEYS = frozenset({
     "active", "analytics", "basis", "break_glass", "content_type", "count", "data_sharing",
-    "events", "expires_at", "first_bad_seq", "from", "history", "imported", "listing",
-    "marketing", "mfa_enrollment", "notes_changed", "offset", "ok", "reason", "rescheduled",
-    "rewrapped", "failed", "role", "session_id", "sessions_revoked", "size", "skipped", "status",
-    "to", "version", "versions", "via",
+    "events", "expires_at", "filter_action", "filter_actor_id", "filter_outcome",
+    "filter_patient_id", "filter_resource_id", "filter_resource_type", "first_bad_seq", "from",
+    "format",  # an export's format (jsonl, fhir)
+    "history", "imported", "limit", "listing", "marketing", "mfa_enrollment", "notes_changed",
+    "offset", "ok", "order", "reason", "rescheduled", "rewrapped", "failed", "role",
+    "session_id", "sessions_revoked", "since", "size", "skipped", "status", "to", "until",
+    "version", "versions", "via",
+    "changed", "route",  # the no-op PATCH /users marker; a refused route's template
+    # A break-glass grant's HMAC (hex) over its id, patient, doctor and reason: not PHI, for
+    # without the key derived from the audit key it cannot be reversed or checked against a
+    # guessed reason; it lets the chain vouch for the sealed reason (access/break_glass.py).
+    "reason_mac",
 })
 
 
@@ -118,92 +133,111 @@ def requeue(session: AsyncSession, events: list[PendingEvent]) -> None:
     session.info[PENDING_KEY] = events + session.info.get(PENDING_KEY, [])
 
 
-# The append's three statements, built once (they run in every unit of work that audits), as
-# Core statements on the tables: events are written, never loaded back as ORM objects.
 _EVENTS = core_table(AuditEvent)
-_HEAD = core_table(AuditHead)
-_LOCK_HEAD = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
-_INSERT_EVENTS = insert(_EVENTS)
-_MOVE_HEAD = (update(_HEAD).where(_HEAD.c.id == 1)
-              .values(seq=bindparam("new_seq"), hash=bindparam("new_hash")))
-# PostgreSQL: the last event and the head's move in one statement (a data-modifying CTE), one
-# round trip less while the head is locked. SQLite has no such CTE and runs the two.
-_INSERT_LAST_MOVING_HEAD = insert(_EVENTS).add_cte(_MOVE_HEAD.cte("moved_head"))
+_QUEUE = core_table(QueuedEvent)
+_REJECTED = core_table(RejectedEvent)
+_ENQUEUE = insert(_QUEUE)
 
 
-async def append(session: AsyncSession, key: bytes, events: list[PendingEvent]) -> None:
-    """Append `events` to the chain inside `session`'s transaction (the caller commits).
+def queued_row(key: bytes, pending: PendingEvent, at: datetime) -> dict[str, Any]:
+    """The queue row of one event, with its MAC (`queue_mac`) over its id and fields."""
+    event_id = uuid.uuid4()
+    fields = (0, at, pending.actor.id, pending.actor.role, str(pending.action),
+              pending.resource_type, pending.resource_id, pending.patient_id,
+              str(pending.outcome), pending.ip, pending.user_agent, pending.request_id,
+              pending.metadata)
+    return {
+        "event_id": event_id, "at": at, "actor_id": pending.actor.id,
+        "actor_role": pending.actor.role, "action": str(pending.action),
+        "resource_type": pending.resource_type, "resource_id": pending.resource_id,
+        "patient_id": pending.patient_id, "outcome": str(pending.outcome), "ip": pending.ip,
+        "user_agent": pending.user_agent, "request_id": pending.request_id,
+        "metadata": pending.metadata,
+        "mac": queue_mac(key, event_id, canonical_fields(*fields)),
+    }
 
-    The head row is read `FOR UPDATE`: on PostgreSQL concurrent appenders wait for each other's
-    commit, so `seq` has no gaps and every event names the true predecessor. On SQLite the
-    transaction already holds the database's write lock (BEGIN IMMEDIATE).
+
+async def enqueue(session: AsyncSession, queue_key: bytes, events: list[PendingEvent]) -> None:
+    """Insert `events` into the audit queue inside `session`'s transaction (the caller commits).
+
+    Nothing here reads or locks the chain's head, so concurrent requests never wait for each
+    other; the sequencer chains the events once they are committed (SPEC §8).
     """
     if not events:
         return
-    seq, prev = (await session.execute(_LOCK_HEAD)).one()
     at = utcnow()
-    rows: list[dict[str, Any]] = []
-    for pending in events:
-        seq += 1
-        event = ChainedEvent(
-            seq=seq, at=at, actor_id=pending.actor.id, actor_role=pending.actor.role,
-            action=str(pending.action), resource_type=pending.resource_type,
-            resource_id=pending.resource_id, patient_id=pending.patient_id,
-            outcome=str(pending.outcome), ip=pending.ip, user_agent=pending.user_agent,
-            request_id=pending.request_id, metadata=pending.metadata, prev_hash=prev,
-            hash=b"",
-        )
-        digest = chain_hash(key, prev, canonical_json(event))
-        rows.append(event._replace(hash=digest)._asdict())  # the fields are the column names
-        prev = digest
-    *earlier, last = rows
-    if earlier:
-        await session.execute(_INSERT_EVENTS, earlier)
-    head = {"new_seq": seq, "new_hash": prev}
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        await session.execute(_INSERT_LAST_MOVING_HEAD, {**last, **head})
-    else:
-        await session.execute(_INSERT_EVENTS, last)
-        await session.execute(_MOVE_HEAD, head)
+    await session.execute(_ENQUEUE, [queued_row(queue_key, pending, at) for pending in events])
 
 
-# The event columns in `ChainedEvent`'s order, read as plain Core rows that the verifier unpacks
-# as they are: verification is a hot loop (SPEC §14: 200,000 events/s), too hot for ORM objects
-# or a copy of each row.
-_CHAIN_COLUMNS = tuple(_EVENTS.c[name] for name in ChainedEvent._fields)
-_CHAIN_BATCH = select(*_CHAIN_COLUMNS).order_by(_EVENTS.c.seq).limit(VERIFY_BATCH)
+_QUEUE_BATCH = (select(*QUEUE_COLUMNS).where(_QUEUE.c.id > bindparam("after"))
+                .order_by(_QUEUE.c.id).limit(VERIFY_BATCH))
 
 
-async def verify(session: AsyncSession, key: bytes) -> VerifyResult:
-    """Recompute the whole chain from the database, in `seq` order and constant memory.
+async def verify(session: AsyncSession, key: bytes, queue_key: bytes | None = None, *,
+                 checkpoint: Anchor | None = None, processes: int | None = None,
+                 ranges: int | None = None) -> VerifyResult:
+    """Recompute the chain from the database, and (given `queue_key`) check the MAC of every
+    event still queued.
 
-    Runs on one snapshot (REPEATABLE READ on PostgreSQL; SQLite's transaction is one already),
-    so events that other transactions append meanwhile are neither counted nor mistaken for
-    events inserted around the head. Call it on a session that has not run a query yet.
+    `verify.verify_chain` does the work: streamed in constant memory, in parallel `seq` ranges
+    on PostgreSQL, whole or (with a `checkpoint`, a signed head already proven) only after it.
+    It runs on one snapshot (REPEATABLE READ on PostgreSQL; SQLite's transaction is one
+    already), so events that the sequencer chains meanwhile are neither counted nor mistaken
+    for events inserted around the head. Call it on a session that has not run a query yet.
     """
-    options: dict[str, Any] = {READ_ONLY: True}
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        options["isolation_level"] = "REPEATABLE READ"
-    await session.connection(execution_options=options)
-    head = (await session.execute(select(AuditHead.seq, AuditHead.hash)
-                                  .where(AuditHead.id == 1))).one_or_none()
-    head_seq, head_hash = (head.seq, head.hash) if head else (0, GENESIS_HASH)
-    verifier = ChainVerifier(key)
-    last: int | None = None  # the first batch has no lower bound: a seq <= 0 is tampering too
+    result = await verify_chain(session, key, anchor=checkpoint, processes=processes,
+                                ranges=ranges)
+    if queue_key is None:
+        return result
+    tampered = await tampered_queue_ids(session, queue_key)
+    return replace(result, ok=result.ok and not tampered, queue_tampered=tampered)
+
+
+async def tampered_queue_ids(session: AsyncSession, queue_key: bytes) -> tuple[int, ...]:
+    """The queue ids of events the sequencer rejected (kept in `audit_queue_rejected`), and of
+    queued events that no longer match their MAC, read in batches."""
+    tampered = list((await session.execute(select(_REJECTED.c.id).order_by(_REJECTED.c.id)))
+                    .scalars())
+    last = 0
     while True:
-        query = _CHAIN_BATCH if last is None else _CHAIN_BATCH.where(_EVENTS.c.seq > last)
-        rows = (await session.execute(query)).all()
+        rows = (await session.execute(_QUEUE_BATCH, {"after": last})).all()
         if not rows:
-            break
-        verifier.feed(rows)
-        last = rows[-1].seq
-    return verifier.finish(head_seq, head_hash)
+            return tuple(tampered)
+        tampered.extend(row.id for row in rows if not queued_event_intact(queue_key, row))
+        last = rows[-1].id
 
 
-async def verify_snapshot(sessions: async_sessionmaker[AsyncSession], key: bytes) -> VerifyResult:
-    """`verify` in a read-only session of its own, apart from the caller's unit of work."""
+async def stale_queued(session: AsyncSession) -> int:
+    """How many queued events have waited longer than the maximum merge delay (a read-only
+    transaction: on SQLite it must not queue for the write lock)."""
+    await session.connection(execution_options={READ_ONLY: True})
+    cutoff = utcnow() - timedelta(seconds=MAX_MERGE_DELAY_SECONDS)
+    return int((await session.execute(
+        select(func.count()).select_from(_QUEUE).where(_QUEUE.c.at < cutoff))).scalar_one())
+
+
+async def verify_snapshot(sessions: async_sessionmaker[AsyncSession], key: bytes,
+                          sequencer: Sequencer | None = None,
+                          queue_key: bytes | None = None, *, checkpoint: Anchor | None = None,
+                          processes: int | None = None, ranges: int | None = None
+                          ) -> VerifyResult:
+    """Verify in a read-only session of its own, apart from the caller's unit of work.
+
+    With a `sequencer`, it first counts the queued events older than the merge delay, then
+    chains everything committed (SPEC §8: readers sequence first), then verifies; with a
+    `queue_key` it also checks every event still queued. `checkpoint`, `processes` and
+    `ranges` go to `verify`.
+    """
+    stale = 0
+    if sequencer is not None:
+        async with sessions() as session:
+            stale = await stale_queued(session)
+            await session.rollback()
+        await sequencer.drain()
     async with sessions() as session:
         try:
-            return await verify(session, key)
+            result = await verify(session, key, queue_key, checkpoint=checkpoint,
+                                  processes=processes, ranges=ranges)
         finally:
             await session.rollback()
+    return replace(result, queue_stale=stale)

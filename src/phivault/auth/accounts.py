@@ -278,6 +278,10 @@ class Accounts:
             revoked = await revoke_sessions(session, AuthSession.user_id == user.id)
             audit.record(session, Action.UPDATE_USER, resource_type="user", resource_id=user.id,
                          metadata={**changed, "sessions_revoked": revoked})
+        else:
+            # Nothing changed, but the answer still discloses the account (its email).
+            audit.record(session, Action.UPDATE_USER, resource_type="user", resource_id=user.id,
+                         metadata={"changed": False})
         return await self._view(session, user)
 
     async def end_sessions(self, session: AsyncSession, user_id: uuid.UUID) -> None:

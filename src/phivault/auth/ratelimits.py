@@ -1,6 +1,7 @@
 """Brute-force limits with the `limits` library: per client IP on every auth route, and per
 account on failed logins (the lock-out). In memory by default; in Redis when
-`PHIVAULT_REDIS_URL` is set, so the limits hold across workers and hosts."""
+`PHIVAULT_REDIS_URL` is set, so the limits hold across workers and hosts. The same storage
+bounds the audit events of refused requests (`refusals`, audit/flood.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
-from phivault.errors import RateLimited
+from phivault.audit.flood import RefusalBound
+from phivault.errors import AccountLockedOut, RateLimited
 
 
 class AuthLimits:
@@ -24,6 +26,9 @@ class AuthLimits:
         else:
             storage = MemoryStorage()
         self._storage = storage
+        # The audit events of 401 and 429 answers are bounded with the same storage, so the
+        # bound holds across workers and hosts exactly when these limits do.
+        self.refusals = RefusalBound(storage)
         self._limiter = MovingWindowRateLimiter(storage)
         self.ip_limit = ip_limit
         self.lockout = lockout
@@ -46,8 +51,7 @@ class AuthLimits:
         await self._limiter.hit(self._counter, "attempts", account)
         if await self._count("attempts", account) - await self._count("successes", account) \
                 > self.lockout.amount:
-            raise RateLimited(await self._retry_after(self._counter, "attempts", account),
-                              "Too many failed logins for this account; try again later.")
+            raise AccountLockedOut(await self._retry_after(self._counter, "attempts", account))
 
     async def attempt_succeeded(self, account: str) -> None:
         await self._limiter.hit(self._counter, "successes", account)

@@ -307,6 +307,9 @@ class Authenticator:
         user.totp_secret = cipher.seal("totp_secret", secret)
         user.totp_last_step = None
         email = cipher.open("email", user.email or b"")
+        # A new secret replaces any pending one: worth an event, which never holds the secret.
+        audit.record(session, Action.MFA_SETUP_STARTED, resource_type="user",
+                     resource_id=user.id)
         return secret, mfa.provisioning_uri(secret, email)
 
     async def enable_mfa(self, session: AsyncSession, user_id: uuid.UUID, code: str,
@@ -318,6 +321,9 @@ class Authenticator:
                                                                         user.totp_secret)
         step = mfa.matching_step(secret, code, after_step=user.totp_last_step)
         if step is None or not await _claim_totp_step(session, user.id, step):
+            audit.record(session, Action.MFA_ENABLED, outcome=Outcome.DENIED,
+                         resource_type="user", resource_id=user.id,
+                         metadata={"reason": "bad_totp"})
             raise InvalidCredentials()
         user.totp_enabled = True
         # Sessions opened without the second factor end: from now on logins need it.

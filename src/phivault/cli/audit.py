@@ -3,14 +3,37 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Annotated
 
 import typer
 
 from phivault.audit import service
 from phivault.audit.actions import Action
 from phivault.audit.chain import VerifyResult
-from phivault.cli.common import run_with_runtime
+from phivault.audit.checkpoint import (
+    Checkpoint,
+    CheckpointFormatError,
+    check_signature,
+    parse_checkpoint,
+    take_checkpoint,
+)
+from phivault.audit.export import (
+    ExportFormat,
+    ExportWindow,
+    ExportWindowError,
+    ExportWriteError,
+    plan_export,
+    private_output,
+    write_export,
+)
+from phivault.audit.fhir import FhirMappingError
+from phivault.audit.verify import Anchor
+from phivault.cli.common import fail, progress, run_with_runtime, settings_or_exit
+from phivault.config import ConfigError, Settings
+from phivault.crypto.audit_signing import CheckpointSignatureError
 from phivault.runtime import Runtime
 
 app = typer.Typer(help="Verify the audit trail.", no_args_is_help=True)
@@ -20,23 +43,163 @@ app = typer.Typer(help="Verify the audit trail.", no_args_is_help=True)
 def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print {ok, events, first_bad_seq}.")]
     = False,
+    checkpoint: Annotated[Path | None, typer.Option(
+        "--checkpoint", exists=True, dir_okay=False, readable=True,
+        help="A file from `phivault audit checkpoint`: prove its head unchanged, then verify "
+             "only the events after it (events counts those).")] = None,
 ) -> None:
-    """Recompute the HMAC chain. Exit 0 when it holds, 1 when it does not."""
+    """Recompute the HMAC chain. Exit 0 when it holds, 1 when it does not.
+
+    With --checkpoint, the checkpoint's signature must verify with PHIVAULT_AUDIT_SIGNING_KEY;
+    then the event at its seq must still have its hash (so a tail cut off below it is found),
+    and only the events after it are read. A bad or foreign checkpoint exits 1.
+    """
+    settings = settings_or_exit()
+    anchor = _checked_anchor(checkpoint, settings) if checkpoint is not None else None
 
     async def work(runtime: Runtime) -> VerifyResult:
-        result = await service.verify_snapshot(runtime.sessions, runtime.audit_key)
+        result = await service.verify_snapshot(runtime.sessions, runtime.audit_key,
+                                               runtime.sequencer, runtime.queue_key,
+                                               checkpoint=anchor)
         async with runtime.unit_of_work() as session:
             service.record(session, Action.VERIFY_AUDIT_CHAIN,
+                           resource_type="audit_checkpoint" if anchor else None,
+                           resource_id=str(anchor.seq) if anchor else None,
                            metadata={"ok": result.ok, "events": result.events,
                                      "first_bad_seq": result.first_bad_seq})
         return result
 
-    result = run_with_runtime("audit-verify", work)
+    result = run_with_runtime("audit-verify", work, settings)
+    since = f" after the checkpoint at seq {anchor.seq}" if anchor else ""
     if as_json:
-        typer.echo(json.dumps(result.as_dict()))
+        # SPEC §12's three fields, and what was found in the queue.
+        typer.echo(json.dumps(result.report()))
     elif result.ok:
-        typer.echo(f"audit chain holds: {result.events} events")
-    else:
+        held = f"checkpoint at seq {anchor.seq} holds; " if anchor else ""
+        typer.echo(f"{held}audit chain holds: {result.events} events{since}")
+    elif result.first_bad_seq is not None:
         typer.echo(f"audit chain BROKEN at seq {result.first_bad_seq} "
-                   f"({result.events} events read)")
+                   f"({result.events} events read{since})")
+    else:
+        typer.echo(f"audit chain holds ({result.events} events{since}), but queued events "
+                   "were tampered with (rejected, never chained): queue ids "
+                   + ", ".join(map(str, result.queue_tampered)))
+    if result.queue_stale:
+        typer.echo(f"warning: {result.queue_stale} queued events had waited longer than the "
+                   "merge delay (is a server's sequencer running?)", err=True)
     raise typer.Exit(0 if result.ok else 1)
+
+
+def _checked_anchor(path: Path, settings: Settings) -> Anchor:
+    """The head a checkpoint file proves, once its signature is ours; else one line and exit
+    1 (2 when no checkpoint key is configured)."""
+    try:
+        signer = settings.require_checkpoint_signer()
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    try:
+        return check_signature(parse_checkpoint(path.read_bytes()), signer)
+    except (CheckpointFormatError, CheckpointSignatureError) as exc:
+        fail(f"checkpoint {path}: {exc}")
+    except OSError as exc:
+        fail(f"checkpoint {path}: cannot read the file ({exc.strerror or type(exc).__name__})")
+
+
+@app.command()
+def checkpoint(
+    out: Annotated[Path | None, typer.Option(
+        "--out", dir_okay=False, help="Write the checkpoint to this file instead of printing "
+                                      "it.")] = None,
+) -> None:
+    """Sign the chain's head with PHIVAULT_AUDIT_SIGNING_KEY (Ed25519).
+
+    Chains every committed event first, then prints (or writes) JSON {seq, hash, at, key_id,
+    signature}: hash in hex, at the UTC time the checkpoint was taken, signature base64url
+    over the other four fields as canonical JSON. Keep it outside the database: `phivault
+    audit verify --checkpoint FILE` then proves that head unchanged and verifies only the
+    events after it. Records an AUDIT_CHECKPOINT event.
+    """
+    settings = settings_or_exit()
+    try:
+        signer = settings.require_checkpoint_signer()
+    except ConfigError as exc:
+        fail(str(exc), 2)
+
+    async def work(runtime: Runtime) -> Checkpoint:
+        signed = await take_checkpoint(runtime.sessions, signer, runtime.sequencer)
+        async with runtime.unit_of_work() as session:
+            service.record(session, Action.AUDIT_CHECKPOINT, resource_type="audit_chain",
+                           resource_id=str(signed.seq))
+        return signed
+
+    signed = run_with_runtime("audit-checkpoint", work, settings)
+    if out is None:
+        typer.echo(signed.dumps(), nl=False)
+        return
+    try:
+        out.write_text(signed.dumps(), encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot write {out} ({exc.strerror or type(exc).__name__})")
+    typer.echo(f"checkpoint of the head at seq {signed.seq} written to {out}")
+
+
+def _aware_time(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"{option} must be an ISO 8601 time with a zone, e.g. 2025-01-31T00:00:00Z", 2)
+    if parsed.utcoffset() is None:
+        fail(f"{option} needs a time zone, e.g. 2025-01-31T00:00:00Z or ...T00:00:00+01:00", 2)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        fail(f"{option} must be a time between 0001-01-01 and 9999-12-31 in UTC", 2)
+
+
+@app.command()
+def export(
+    fmt: Annotated[ExportFormat, typer.Option(
+        "--format", help="jsonl: every field, hashes in hex (re-verifiable with the audit key); "
+                         "fhir: FHIR R4 AuditEvent resources, one per line (NDJSON).")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="The file to write, mode 0600; written aside and renamed at the end.")],
+    since: Annotated[str | None, typer.Option(
+        help="Only events at or after this ISO 8601 time (with a zone).")] = None,
+    until: Annotated[str | None, typer.Option(
+        help="Only events before this ISO 8601 time (with a zone).")] = None,
+) -> None:
+    """Stream the audit trail to a file in seq order, in constant memory, with a progress bar.
+
+    Chains every committed event first, exports up to the head it then finds, and records an
+    EXPORT_AUDIT_TRAIL event. The file holds no PHI, but it is sensitive: it is created 0600.
+    """
+    try:
+        window = ExportWindow(_aware_time(since, "--since"), _aware_time(until, "--until"))
+    except ExportWindowError:
+        fail("--since must be before --until", 2)
+
+    async def work(runtime: Runtime, sink: IO[bytes]) -> int:
+        await runtime.sequencer.drain()
+        plan = await plan_export(runtime.sessions, window)
+        with progress("audit export", plan.count) as bar:
+            bar.advance(0)
+            count = await write_export(runtime.sessions, plan, fmt, sink, bar.advance)
+        async with runtime.unit_of_work() as session:
+            service.record(session, Action.EXPORT_AUDIT_TRAIL, resource_type="audit_trail",
+                           metadata={"count": count, "format": str(fmt),
+                                     "since": window.since and window.since.isoformat(),
+                                     "until": window.until and window.until.isoformat()})
+        return count
+
+    try:
+        with ExitStack() as stack:
+            try:
+                sink = stack.enter_context(private_output(out))
+            except ExportWriteError as exc:
+                fail(str(exc), 2)
+            count = run_with_runtime("audit-export", lambda runtime: work(runtime, sink))
+    except (ExportWriteError, FhirMappingError) as exc:
+        fail(str(exc))
+    typer.echo(f"exported {count} audit events ({fmt}) to {out}")

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeRemainingColumn
 
 from phivault.config import ConfigError, Settings, load_settings
+from phivault.observability import configure_logging
 from phivault.request_context import RequestContext, new_request_id, set_request
 from phivault.runtime import Runtime
 
@@ -36,15 +37,25 @@ def settings_or_exit() -> Settings:
 
 
 def run_with_runtime(command: str, work: Callable[[Runtime], Awaitable[T]],
-                     settings: Settings | None = None) -> T:
-    """Run `work` with a runtime built from the environment, as the CLI's own request."""
+                     settings: Settings | None = None, *, chain_first: bool = True) -> T:
+    """Run `work` with a runtime built from the environment, as the CLI's own request.
+
+    First it chains what is queued (`chain_first`; not before migrations, when the tables may
+    not exist yet), and on the way out it chains what the command wrote (`Runtime.close`).
+    """
     settings = settings or settings_or_exit()
+    # Log lines as JSON on stderr, redacted: standard output is the command's answer.
+    configure_logging(settings.log_level)
 
     async def main() -> T:
         set_request(RequestContext(request_id=f"cli-{new_request_id()}",
                                    user_agent=f"phivault-cli/{command}"))
         runtime = Runtime.from_settings(settings, pool_size=2)
         try:
+            # Events another process left queued (a command killed before it chained its
+            # own) are chained before this command reads or writes the trail.
+            if chain_first:
+                await runtime.sequencer.flush()
             return await work(runtime)
         finally:
             await runtime.close()

@@ -26,7 +26,8 @@ def generate(
 ) -> None:
     """Print one new key in the form its variable takes.
 
-    master and jwt: `id:base64url`; index and audit: bare base64url. Keys are 32 random bytes.
+    master, jwt and audit-signing: `id:base64url`; index and audit: bare base64url. Keys are 32
+    random bytes (jwt and audit-signing: Ed25519 seeds).
     To rotate the master key, put the new line FIRST in PHIVAULT_MASTER_KEYS (keep the old ones
     after it), restart, then run `phivault keys rewrap`.
     """

@@ -163,7 +163,8 @@ class Notification(Base):
 
 class BreakGlassGrant(Base):
     """Emergency read access of one doctor to one patient's chart, for 60 minutes. The reason
-    is in the BREAK_GLASS audit event, where auditors review it."""
+    is clinical free text, so PHI: it is sealed here under the grant's own data key, and the
+    BREAK_GLASS audit event names the grant (`resource_id`), through which auditors read it."""
 
     __tablename__ = "break_glass_grants"
 
@@ -172,6 +173,9 @@ class BreakGlassGrant(Base):
     patient_id: Mapped[uuid.UUID] = mapped_column(Uuid(), ForeignKey("users.id"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Null only for grants made before reasons were sealed (their reason is in the event).
+    data_key_id: Mapped[uuid.UUID | None] = mapped_column(Uuid())
+    reason: Mapped[bytes | None] = mapped_column(LargeBinary(4096))
 
 
 Index("ix_break_glass_active", BreakGlassGrant.doctor_id, BreakGlassGrant.patient_id,

@@ -16,6 +16,7 @@ from enum import StrEnum
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 KEY_BYTES = 32
 KEY_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -32,12 +33,13 @@ class KeyFormatError(ValueError):
 
 
 class KeyKind(StrEnum):
-    """The four kinds of key that phivault's configuration holds."""
+    """The kinds of key that phivault's configuration holds."""
 
     MASTER = "master"
     INDEX = "index"
     AUDIT = "audit"
     JWT = "jwt"
+    AUDIT_SIGNING = "audit-signing"  # Ed25519 seed that signs audit checkpoints
 
 
 _ID_PREFIX = {
@@ -45,7 +47,10 @@ _ID_PREFIX = {
     KeyKind.INDEX: "ik",
     KeyKind.AUDIT: "ak",
     KeyKind.JWT: "jk",
+    KeyKind.AUDIT_SIGNING: "ck",
 }
+# The kinds written `id:base64url`; the others are bare base64url.
+KEYED_KINDS = frozenset({KeyKind.MASTER, KeyKind.JWT, KeyKind.AUDIT_SIGNING})
 
 
 def b64url_encode(raw: bytes) -> str:
@@ -165,8 +170,8 @@ def is_dev_key_id(key_id: str) -> bool:
 def new_key_id(kind: KeyKind, *, dev: bool = False) -> str:
     """Return a fresh key id such as `mk-20261123-9f3a1c` (`dev-mk-...` for a dev key).
 
-    The prefix names the kind (mk master, jk jwt, ik index, ak audit), then the UTC date and
-    6 random hex digits.
+    The prefix names the kind (mk master, jk jwt, ik index, ak audit, ck audit-signing, for
+    checkpoints), then the UTC date and 6 random hex digits.
     """
     key_id = f"{_ID_PREFIX[kind]}-{datetime.now(UTC):%Y%m%d}-{secrets.token_hex(3)}"
     return _DEV_ID_PREFIX + key_id if dev else key_id
@@ -175,10 +180,18 @@ def new_key_id(kind: KeyKind, *, dev: bool = False) -> str:
 def generate_key_line(kind: KeyKind, *, dev: bool = False) -> str:
     """Return a new key as configuration text.
 
-    Master and JWT keys are `id:base64url` (a JWT key is the raw 32-byte Ed25519 private seed);
-    index and audit keys are bare base64url.
+    Master, JWT and audit-signing keys are `id:base64url` (JWT and audit-signing keys are raw
+    32-byte Ed25519 private seeds); index and audit keys are bare base64url.
     """
     encoded = b64url_encode(generate_key(dev=dev))
-    if kind in (KeyKind.MASTER, KeyKind.JWT):
+    if kind in KEYED_KINDS:
         return f"{new_key_id(kind, dev=dev)}:{encoded}"
     return encoded
+
+
+def derive_key(root: bytes, purpose: str) -> bytes:
+    """A 32-byte key for one `purpose`, derived from `root` with HKDF-SHA256 (info
+    `phivault/derived/v1/<purpose>`), so one configured secret serves several uses without
+    any two of them sharing a key."""
+    info = b"phivault/derived/v1/" + purpose.encode("ascii")
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(root)

@@ -8,7 +8,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from phivault import __version__
+from phivault.audit.api import patient_router as access_log_router
 from phivault.audit.api import router as audit_router
+from phivault.audit.checkpoint_api import router as checkpoint_router
 from phivault.auth import admin_api
 from phivault.auth.api import auth, me, well_known
 from phivault.clinical.api import router as clinical_router
@@ -38,9 +40,15 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        if owns_runtime:
-            await runtime.close()
+        # Every server process runs a sequencer; whichever holds the lock chains (SPEC §8).
+        runtime.start_background()
+        try:
+            yield
+        finally:
+            if owns_runtime:
+                await runtime.close()
+            else:
+                await runtime.sequencer.stop()
 
     app = FastAPI(
         title="phivault", version=__version__, description=DESCRIPTION, lifespan=lifespan,
@@ -52,10 +60,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     # Each router straight onto the app (not under one /api/v1 router): one level of routing
     # less on every request.
     for router in (auth, me, privacy_router, admin_api.users, admin_api.doctors,
-                   clinical_router, audit_router):
+                   clinical_router, audit_router, access_log_router):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(health.router)
     app.include_router(well_known)
+    app.include_router(checkpoint_router)
     app.include_router(docs.router)
     app.add_middleware(RequestGuardMiddleware,
                        trusted_proxies=settings.trusted_proxy_networks)

@@ -1,6 +1,7 @@
 """One mapping from every error to its status and JSON body `{"error", "detail"}`.
 
-Domain errors carry their code; framework errors (404, 405, 400, 422) get ours. A 422 names
+Domain errors carry their code; framework errors (404, 405, 400, 422) get ours. A 401 or 429
+also writes its durable audit event, rate-bounded per source (audit/flood.py). A 422 names
 each bad field and what is wrong with it, never the submitted value (FastAPI's default echoes
 it, passwords included). A 500 carries only the request id.
 """
@@ -17,6 +18,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phivault import errors
+from phivault.audit import flood
 from phivault.crypto import IntegrityError
 from phivault.request_context import current_request
 
@@ -107,10 +109,25 @@ def _field_problems(exc: RequestValidationError) -> list[dict[str, str]]:
     return problems
 
 
+def _route_of(request: Request) -> str | None:
+    """The method and path template of the route that answered (never the concrete path,
+    whose segments the client chose). Newer FastAPI keeps the route of an included router
+    without its prefix, and the effective path beside it."""
+    context = (request.scope.get("fastapi") or {}).get("effective_route_context")
+    path = getattr(context, "path_format", None) or getattr(request.scope.get("route"), "path",
+                                                            None)
+    return f"{request.method} {path}" if isinstance(path, str) else None
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(errors.PhivaultError)
-    async def _domain(_: Request, exc: errors.PhivaultError) -> JSONResponse:
+    async def _domain(request: Request, exc: errors.PhivaultError) -> JSONResponse:
         status = next((s for cls, s in STATUS_OF.items() if isinstance(exc, cls)), 400)
+        if status in (401, 429):
+            # Missing or bad tokens and rate limits: durable events, bounded per source.
+            runtime = request.app.state.runtime
+            await flood.record_refusal(runtime.limits.refusals, runtime.unit_of_work, exc,
+                                       _route_of(request))
         headers = {"Retry-After": str(exc.retry_after)} \
             if isinstance(exc, errors.RateLimited) else None
         if isinstance(exc, errors.InvalidToken | errors.Unauthenticated):

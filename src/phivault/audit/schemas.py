@@ -1,0 +1,138 @@
+"""Request and response models of the audit routes: the search filters of `GET /audit`, its
+events, and the entries of a patient's access log."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+
+from phivault.audit.actions import Action, Outcome
+from phivault.schemas import UUIDText
+
+# Only ISO 8601 with an explicit offset: pydantic alone would also take a Unix timestamp
+# ("1700000000") or a date, and a time without an offset is ambiguous.
+_INSTANT = re.compile(
+    r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|z|[+-]\d{2}:\d{2})$")
+
+
+def _instant(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _INSTANT.match(value):
+        # The usual mistake: an unencoded "+01:00" arrives as " 01:00" in a query string.
+        raise ValueError("must be an ISO 8601 time with an offset, e.g. 2031-05-04T10:00:00Z "
+                         "(in a URL, write + as %2B)")
+    return value
+
+
+def _in_utc_range(value: datetime) -> datetime:
+    # 0001-01-01T00:00:00+14:00 is a valid time that has no UTC equivalent a datetime can hold;
+    # refuse it here, or comparing it with the trail's UTC times fails as a 500.
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must be a time between 0001-01-01 and 9999-12-31 in UTC") from None
+    return value
+
+
+Instant = Annotated[AwareDatetime, BeforeValidator(_instant), AfterValidator(_in_utc_range)]
+ResourceType = Annotated[str, StringConstraints(min_length=1, max_length=48,
+                                                pattern=r"^[a-z][a-z_]*$")]
+PAGING_PARAMETERS = frozenset({"limit", "offset"})
+
+
+class SortOrder(StrEnum):
+    DESC = "desc"
+    ASC = "asc"
+
+
+class AuditSearch(BaseModel):
+    """The filters of `GET /audit`, all optional and combined with AND. An unknown query
+    parameter is a 422, so a misspelt filter never silently widens a search."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    actor_id: UUIDText | None = Field(None, description="Who acted (a user id).")
+    patient_id: UUIDText | None = Field(None, description="Whose data the event is about.")
+    action: Action | None = Field(None, description="One action of the audit vocabulary.")
+    outcome: Outcome | None = None
+    resource_type: ResourceType | None = Field(None, description="e.g. `medical_record`.")
+    resource_id: UUIDText | None = Field(None, description="The id of the resource (with "
+                                                           "`resource_type`).")
+    since: Instant | None = Field(None, description="Events at or after this time "
+                                                    "(ISO 8601 with an offset).")
+    until: Instant | None = Field(None, description="Events strictly before this time.")
+    order: SortOrder = Field(SortOrder.DESC, description="By `seq`: `desc` (newest first, "
+                                                         "the default) or `asc`.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _leave_paging_to_page(cls, data: Any) -> Any:
+        # FastAPI hands a query model every query parameter; `limit` and `offset` are PageDep's.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in PAGING_PARAMETERS}
+        return data
+
+    @model_validator(mode="after")
+    def _coherent(self) -> AuditSearch:
+        if self.since is not None and self.until is not None and self.since >= self.until:
+            raise ValueError("since must be before until")
+        # Resources are indexed by (type, id): an id alone would read the whole trail.
+        if self.resource_id is not None and self.resource_type is None:
+            raise ValueError("resource_id needs resource_type")
+        return self
+
+
+class AuditEventView(BaseModel):
+    """One event of the trail. `metadata` holds only allowlisted keys (ids, counts, codes,
+    flags), never PHI. `break_glass_reason` is set on `BREAK_GLASS` events only: the reason the
+    doctor gave, opened for the auditor (reading it is itself audited,
+    `VIEW_BREAK_GLASS_REASON`); null for other events, and for a grant whose reason was never
+    stored."""
+
+    seq: int
+    event_id: uuid.UUID | None
+    at: datetime
+    actor_id: uuid.UUID | None
+    actor_role: str | None
+    action: str
+    resource_type: str | None
+    resource_id: str | None
+    patient_id: uuid.UUID | None
+    outcome: str
+    ip: str | None
+    user_agent: str | None
+    request_id: str | None
+    metadata: dict[str, Any]
+    hash: str = Field(description="The event's chain hash, hex.")
+    break_glass_reason: str | None = None
+
+
+class AccessLogEntry(BaseModel):
+    """One access to the patient's data by someone else. `actor_name` is a staff member's name,
+    null for the system and for anyone who is not staff. `break_glass` marks emergency access:
+    the break-glass itself and every read made under it."""
+
+    at: datetime
+    actor_role: str | None
+    actor_name: str | None
+    action: str
+    outcome: str
+    break_glass: bool
+
+
+__all__ = ["AccessLogEntry", "AuditEventView", "AuditSearch", "Instant", "SortOrder"]

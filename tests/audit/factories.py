@@ -75,6 +75,6 @@ async def tamper(rt: Runtime, sql: str, **params: Any) -> None:
             await connection.execute(text("SET LOCAL session_replication_role = replica"))
         else:
             for trigger in ("audit_events_no_update", "audit_events_no_delete",
-                            "audit_head_no_delete"):
+                            "audit_head_no_delete", "audit_head_follows_chain"):
                 await connection.execute(text(f"DROP TRIGGER IF EXISTS {trigger}"))
         await connection.execute(text(sql), params)

@@ -334,7 +334,7 @@ async def test_the_export_streams_in_constant_memory(fresh_runtime: Callable[...
                                                      tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     rt = await fresh_runtime()
-    batch = 500
+    batch = 250
     sizes: list[int] = []
     original = export.event_batches
 
@@ -358,24 +358,24 @@ async def test_the_export_streams_in_constant_memory(fresh_runtime: Callable[...
         finally:
             tracemalloc.stop()
 
-    await _add_events(rt, 2000)
-    small = await peak(ExportFormat.JSONL, 2000)
-    await _add_events(rt, 18_000)
+    await _add_events(rt, 1000)
+    small = await peak(ExportFormat.JSONL, 1000)
+    await _add_events(rt, 9000)
     sizes.clear()
-    large = await peak(ExportFormat.JSONL, 20_000)
+    large = await peak(ExportFormat.JSONL, 10_000)
     # Ten times the events, the same memory (a batch's worth), give or take noise.
     assert large < small * 1.5 + 256 * 1024, (small, large)
     assert len(sizes) == 40 and max(sizes) == batch
-    assert (tmp_path / "jsonl-20000").stat().st_size > 20_000 * 300
+    assert (tmp_path / "jsonl-10000").stat().st_size > 10_000 * 300
 
     # FHIR goes through the same batches (a smaller window: building a resource costs ~0.5 ms).
     sizes.clear()
     plan = await plan_export(rt.sessions, ExportWindow())
-    short = ExportPlan(plan.window, 1200, 1, 1200)
+    short = ExportPlan(plan.window, 600, 1, 600)
     with private_output(tmp_path / "fhir") as sink:
         assert await write_export(rt.sessions, short, ExportFormat.FHIR, sink,
-                                  batch_size=batch) == 1200
-    assert sizes == [500, 500, 200]
+                                  batch_size=batch) == 600
+    assert sizes == [250, 250, 100]
 
 
 def test_private_output_is_0600_and_appears_whole(tmp_path: Path) -> None:

@@ -136,7 +136,14 @@ def served(values: dict[str, Any], workers: int) -> Iterator[tuple[str, dict[str
         server = subprocess.Popen([sys.executable, "-m", "phivault.cli.main", "serve",
                                    "--port", str(port), "--workers", str(workers)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(3)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until it listens (migrations, TLS set-up)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        time.sleep(1)
         yield f"https://127.0.0.1:{port}", ids, tmp
     finally:
         if server is not None:

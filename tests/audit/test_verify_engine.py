@@ -404,24 +404,32 @@ async def test_a_newline_stored_for_a_backslash_n_is_found(
 
 
 async def _peak(rt: Runtime) -> int:
-    gc.collect()
-    tracemalloc.start()
-    try:
-        result = await service.verify_snapshot(rt.sessions, rt.audit_key)
-        assert result.ok
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    """The least of three peaks: tracemalloc sees the whole process, and a task of the shared
+    event loop that allocates during one measurement (a pool's connection, a fixture's
+    clean-up) must not be taken for the verifier's own memory."""
+    peaks = []
+    for _ in range(3):
+        gc.collect()
+        tracemalloc.start()
+        try:
+            result = await service.verify_snapshot(rt.sessions, rt.audit_key)
+            assert result.ok
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    return min(peaks)
 
 
 async def test_memory_stays_flat_as_the_chain_grows(fresh_runtime: Callable[..., Any]) -> None:
-    """Verifying 40,000 events takes no more memory than verifying 8,000: events stream
+    """Verifying 64,000 events takes no more memory than verifying 16,000: events stream
     through (COPY chunks on PostgreSQL, batches of rows on SQLite), nothing is kept per
-    event."""
+    event. On PostgreSQL the peak is what arrives in one read once the socket's buffer is full
+    (asyncpg pauses reading while a chunk is checked): measured 6.5 MB at 4,000 events, 12 MB
+    at 8,000, then 18.5 MB flat at 16,000, 40,000 and 80,000, hence the sizes here."""
     rt = await fresh_runtime()
-    await write_chain(rt, 8_000)
+    await write_chain(rt, 16_000)
     small = await _peak(rt)
-    await write_chain(rt, 32_000)
+    await write_chain(rt, 48_000)
     large = await _peak(rt)
     assert large < small * 1.5 + 256 * 1024, (small, large)
 

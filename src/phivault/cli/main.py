@@ -7,7 +7,7 @@ import sys
 import typer
 
 from phivault import __version__
-from phivault.cli import audit, instance, keys, users
+from phivault.cli import audit, gdpr, instance, keys, research, users
 
 app = typer.Typer(
     name="phivault", no_args_is_help=True, pretty_exceptions_enable=False,
@@ -21,6 +21,8 @@ app.command()(instance.serve)
 app.add_typer(users.app, name="users")
 app.add_typer(keys.app, name="keys")
 app.add_typer(audit.app, name="audit")
+app.add_typer(gdpr.app, name="gdpr")
+app.add_typer(research.app, name="research")
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""The patient's own consent routes."""
+"""The patient's data-subject rights (SPEC §9): consents, export, rectification, erasure."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ from phivault.privacy.consents import ConsentChoice, ConsentView
 from phivault.web.dependencies import SessionDep
 from phivault.web.errors import responses
 
-router = APIRouter(prefix="/me/consents", tags=["privacy"])
+router = APIRouter(tags=["privacy"])
 Patient = Annotated[AccessClaims, Depends(Allow(Role.PATIENT))]
 
 
-@router.get("", responses=responses(401, 403), summary="My current consents")
+@router.get("/me/consents", responses=responses(401, 403), summary="My current consents")
 async def read_consents(claims: Patient, session: SessionDep) -> ConsentView:
     return await consents.current(session, claims.user_id)
 
 
-@router.put("", responses=responses(401, 403, 422), summary="Change my consents")
+@router.put("/me/consents", responses=responses(401, 403, 422), summary="Change my consents")
 async def change_consents(body: ConsentChoice, claims: Patient,
                           session: SessionDep) -> ConsentView:
     """All three booleans; a new version is appended to the history. Withdrawing
@@ -31,6 +31,6 @@ async def change_consents(body: ConsentChoice, claims: Patient,
     return await consents.change(session, claims.user_id, body)
 
 
-@router.get("/history", responses=responses(401, 403), summary="My consent history")
+@router.get("/me/consents/history", responses=responses(401, 403), summary="My consent history")
 async def consent_history(claims: Patient, session: SessionDep) -> list[ConsentView]:
     return await consents.history(session, claims.user_id)

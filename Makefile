@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PYTEST_ARGS ?=
+# Two processes (pytest-xdist): each makes its own databases, so the suite halves on 2 cores.
+PYTEST_ARGS ?= -n 2
 
 .DEFAULT_GOAL := help
 

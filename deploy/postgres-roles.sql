@@ -8,8 +8,10 @@
 --     trail it may only append: INSERT and SELECT on `audit_events`; INSERT, SELECT and DELETE
 --     on `audit_queue` (a trigger lets it delete only events already chained or rejected);
 --     INSERT and SELECT on `audit_queue_rejected`; SELECT and UPDATE on `audit_head` (a
---     trigger lets the head name only the chain's last event). It owns nothing, may create nothing (no table, no schema, no
---     temporary table), may TRUNCATE nothing, and is a member of no role: so no DDL, no
+--     trigger lets the head name only the chain's last event); and INSERT and SELECT only on
+--     `care_endings` (a patient's end of a doctor's care relationship is never taken back). It
+--     owns nothing, may create nothing (no table, no schema, no temporary table), may
+--     TRUNCATE nothing, and is a member of no role: so no DDL, no
 --     `ALTER TABLE ... DISABLE TRIGGER`, no DROP, no `SET session_replication_role`.
 --
 -- Run it with psql, connected to phivault's database, after EVERY `phivault migrate`: it grants
@@ -85,7 +87,7 @@ BEGIN
     END IF;
     SELECT string_agg(t, ', ') INTO missing
       FROM unnest(ARRAY['audit_events', 'audit_queue', 'audit_head',
-                        'audit_queue_rejected']) AS t
+                        'audit_queue_rejected', 'care_endings']) AS t
      WHERE to_regclass(format('%I.%I', s, t)) IS NULL;
     IF missing IS NOT NULL THEN
         RAISE EXCEPTION 'no table % in schema %: run `phivault migrate` (as %) first',
@@ -154,6 +156,9 @@ REVOKE UPDATE, DELETE ON :"schema".audit_queue_rejected FROM :"app_role";
 -- The head: one row, read and moved by the sequencer (SELECT ... FOR UPDATE needs UPDATE);
 -- never inserted or deleted.
 REVOKE INSERT, DELETE ON :"schema".audit_head FROM :"app_role";
+-- Care endings (SPEC §7): a patient ended a doctor's care relationship. Appended and read,
+-- never changed or deleted: an edited or deleted end would hand the doctor's access back.
+REVOKE UPDATE, DELETE ON :"schema".care_endings FROM :"app_role";
 -- Alembic's bookkeeping: readable (to tell the schema's revision), never written.
 REVOKE INSERT, UPDATE, DELETE ON :"schema".alembic_version FROM :"app_role";
 
@@ -189,7 +194,9 @@ BEGIN
             ('audit_head', 'SELECT', true), ('audit_head', 'UPDATE', true),
             ('audit_head', 'INSERT', false), ('audit_head', 'DELETE', false),
             ('audit_queue_rejected', 'SELECT', true), ('audit_queue_rejected', 'INSERT', true),
-            ('audit_queue_rejected', 'UPDATE', false), ('audit_queue_rejected', 'DELETE', false)
+            ('audit_queue_rejected', 'UPDATE', false), ('audit_queue_rejected', 'DELETE', false),
+            ('care_endings', 'SELECT', true), ('care_endings', 'INSERT', true),
+            ('care_endings', 'UPDATE', false), ('care_endings', 'DELETE', false)
         ) AS v(tbl, privilege, allowed)
     LOOP
         granted := has_table_privilege(app, format('%I.%I', s, expected.tbl),

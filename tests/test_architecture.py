@@ -15,6 +15,9 @@ SERVICES = [
     "audit/service.py", "audit/chain.py", "keys/service.py", "clinical/consultations.py",
     "clinical/records.py", "clinical/attachments.py", "clinical/notifications.py",
     "privacy/consents.py", "runtime.py", "config.py", "errors.py",
+    "access/care_team.py", "access/schemas.py",
+    "privacy/erasure.py", "privacy/rectification.py", "privacy/research.py",
+    "privacy/export.py", "privacy/fhir.py", "ops/mail.py", "ops/smtp.py",
 ]
 FRAMEWORK = ("fastapi", "starlette", "uvicorn")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
+from email.utils import parseaddr
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -28,12 +30,13 @@ from phivault.crypto.envelope import MasterKeyRing
 from phivault.crypto.keys import decode_key, is_dev_key, parse_key_ring
 from phivault.crypto.signing import SigningKey, parse_jwt_keys
 from phivault.crypto.tls import certificate_problem, is_self_signed_localhost
+from phivault.ops.smtp import SmtpTarget
 
 ENV_PREFIX = "PHIVAULT_"
 
 # The settings that may also be given as `<NAME>_FILE` (a path to a file holding the value).
 SECRET_FIELDS = ("master_keys", "index_key", "audit_key", "jwt_keys", "redis_url", "metrics_token",
-                 "database_url", "audit_signing_key")
+                 "database_url", "audit_signing_key", "smtp_url")
 
 # The order in which problems are reported: the spec's table order, so the first line an
 # operator sees names the first variable they would look at.
@@ -41,9 +44,11 @@ FIELD_ORDER = (
     "env", "database_url", "master_keys", "index_key", "audit_key", "jwt_keys",
     "audit_signing_key", "tls_cert_file",
     "tls_key_file", "behind_proxy", "trusted_proxies", "redis_url", "access_token_ttl",
-    "refresh_token_ttl", "auth_rate_limit", "lockout", "mfa_required_roles", "metrics_token",
-    "header_timeout", "redis_prefix", "argon2_memory_kib", "argon2_time_cost",
-    "argon2_parallelism", "log_level",
+    "refresh_token_ttl", "auth_rate_limit", "lockout", "staff_approval", "smtp_url", "mail_from",
+    "mfa_required_roles", "metrics_token",
+    "header_timeout", "redis_prefix", "session_cache_seconds", "db_pool_size",
+    "argon2_memory_kib",
+    "argon2_time_cost", "argon2_parallelism", "log_level",
 )
 
 ROLES = ("patient", "doctor", "admin", "auditor")
@@ -124,9 +129,27 @@ class Settings(BaseSettings):
     auth_rate_limit: str = "20/minute"
     lockout: str = "5/15minutes"
     mfa_required_roles: str | None = None
+    # SPEC §6: a staff account an admin creates waits for a second admin's approval; unset, on
+    # in prod and off in dev (`staff_approval_required`).
+    staff_approval: bool | None = None
+    # Staff invitations and break-glass notices (ops/mail.py, ops/smtp.py for the URL's forms);
+    # unset or empty: no mail. `mail_from` is their sender (unset: phivault@<host name>).
+    smtp_url: SecretStr | None = None
+    mail_from: str | None = Field(None, max_length=320)
+    care_relationship_days: int = Field(365, ge=1, le=3650, description=(
+        "How long a completed consultation keeps the care relationship, in days after its "
+        "scheduled time (SPEC §7); then the doctor needs a new consultation."))
     metrics_token: SecretStr | None = None
     header_timeout: float = Field(15.0, ge=1.0, le=120.0)
+    # Seconds a client has to finish the TLS handshake (`phivault serve`; asyncio's own is 60).
+    tls_handshake_timeout: float = Field(10.0, ge=1.0, le=60.0)
     redis_prefix: str = Field("phivault", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    # How long a worker may reuse a request's session check (auth/session_cache.py): SPEC §6
+    # lets a revocation take up to a second to reach every worker; 0 asks the database always.
+    session_cache_seconds: float = Field(1.0, ge=0.0, le=1.0)
+    # Database connections each server process keeps (db/engine.py): a request holds one for
+    # its unit of work, and one opened past these is closed again after its request.
+    db_pool_size: int = Field(32, ge=1, le=500)
     argon2_memory_kib: int = Field(65536, ge=8, le=4 * 1024 * 1024)
     argon2_time_cost: int = Field(2, ge=1, le=20)
     argon2_parallelism: int = Field(1, ge=1, le=16)
@@ -213,6 +236,22 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("smtp_url")
+    @classmethod
+    def _check_smtp_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None  # optional: an empty value is no mail
+        SmtpTarget.parse(value.get_secret_value())
+        return value
+
+    @field_validator("mail_from")
+    @classmethod
+    def _check_mail_from(cls, value: str | None) -> str | None:
+        if value is not None and (any(ord(c) < 32 or ord(c) == 127 for c in value)
+                                  or "@" not in parseaddr(value)[1]):
+            raise ValueError("must be an e-mail address, optionally as Name <address>")
+        return value
+
     @model_validator(mode="after")
     def _refuse_dev_material_in_prod(self) -> Settings:
         if self.env != "prod":
@@ -232,6 +271,11 @@ class Settings(BaseSettings):
             raise ConfigError(env_name("jwt_keys"), _DEV_KEY)
         if any(key.is_dev for key in self.checkpoint_signer.keys):
             raise ConfigError(env_name("audit_signing_key"), _DEV_KEY)
+        target = self.smtp_target
+        if target is not None and target.security == "plain" and not target.is_loopback:
+            # Invitations carry setup tokens: in clear only to a relay on this host.
+            raise ConfigError(env_name("smtp_url"), "smtp:// (no TLS) is for a relay on this "
+                              "host only in prod: use smtps:// or smtp+starttls://")
         return self
 
     # Parsed forms, computed once per Settings object.
@@ -291,6 +335,19 @@ class Settings(BaseSettings):
         if self.mfa_required_roles is None:
             return frozenset({"doctor", "admin", "auditor"}) if self.env == "prod" else frozenset()
         return frozenset(r.strip() for r in self.mfa_required_roles.split(",") if r.strip())
+
+    @cached_property
+    def staff_approval_required(self) -> bool:
+        return self.env == "prod" if self.staff_approval is None else self.staff_approval
+
+    @cached_property
+    def smtp_target(self) -> SmtpTarget | None:
+        """Where mail goes (None: no mail is sent)."""
+        return SmtpTarget.parse(self.smtp_url.get_secret_value()) if self.smtp_url else None
+
+    @cached_property
+    def mail_sender(self) -> str:
+        return self.mail_from or f"phivault@{socket.gethostname() or 'localhost'}"
 
     @property
     def database_url_value(self) -> str:

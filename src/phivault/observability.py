@@ -23,7 +23,7 @@ SENSITIVE_KEYS = frozenset({
     "password_hash", "token", "access_token", "refresh_token", "setup_token", "id_token",
     "secret", "totp_secret", "totp_code", "code", "otpauth_uri", "api_key", "master_keys",
     "index_key", "audit_key", "jwt_keys", "metrics_token", "database_url", "redis_url",
-    "private_key", "key",
+    "private_key", "key", "smtp_url", "mail_from", "to", "recipient",
     # PHI (SPEC §4).
     "email", "full_name", "name", "birth_date", "sex", "phone", "address", "reason", "notes",
     "diagnosis", "prescriptions", "medication", "dosage", "instructions", "filename", "text",

@@ -24,6 +24,7 @@ from phivault.auth.accounts import Accounts
 from phivault.auth.passwords import Argon2Parameters, Passwords
 from phivault.auth.ratelimits import AuthLimits
 from phivault.auth.service import Authenticator
+from phivault.auth.session_cache import SESSION_CACHE, SessionCache
 from phivault.auth.tokens import AccessTokens
 from phivault.config import Settings
 from phivault.crypto import IntegrityError
@@ -52,6 +53,8 @@ class Runtime:
     limits: AuthLimits
     authenticator: Authenticator
     accounts: Accounts
+    # Session checks reused for at most a second, evicted by revocations on every worker.
+    session_cache: SessionCache
     audit_key: bytes = field(repr=False)
     queue_key: bytes = field(repr=False)
     # Binds each break-glass reason into its BREAK_GLASS event; derived once, here.
@@ -60,11 +63,13 @@ class Runtime:
     chain_after_commit: bool
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, pool_size: int = 10,
+    def from_settings(cls, settings: Settings, *, pool_size: int | None = None,
                       chain_after_commit: bool | None = None) -> Runtime:
-        """Build the runtime. `chain_after_commit` (default: on SQLite only) chains each unit of
+        """Build the runtime. `pool_size` (default: `PHIVAULT_DB_POOL_SIZE`) is the database
+        connections kept; `chain_after_commit` (default: on SQLite only) chains each unit of
         work's events right after its commit, instead of leaving them to the background."""
-        engine = create_engine(settings.database_url_value, pool_size=pool_size)
+        engine = create_engine(settings.database_url_value,
+                               pool_size=pool_size or settings.db_pool_size)
         queue_key = derive_key(settings.audit_key_bytes, "audit-queue")
         if chain_after_commit is None:
             chain_after_commit = engine.dialect.name == "sqlite"
@@ -77,15 +82,20 @@ class Runtime:
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
         limits = AuthLimits(settings.auth_rate_limit_item, settings.lockout_item, redis_url,
                             settings.redis_prefix)
+        session_cache = SessionCache(settings.session_cache_seconds, redis_url=redis_url,
+                                     prefix=settings.redis_prefix)
         return cls(
-            settings=settings, engine=engine, sessions=create_sessionmaker(engine),
+            settings=settings, engine=engine,
+            # Every session knows the cache, so that `revoke_sessions` can evict from it.
+            sessions=create_sessionmaker(engine, info={SESSION_CACHE: session_cache}),
             envelope=envelope, blind_index=blind_index, access_tokens=tokens,
             passwords=passwords, limits=limits,
             authenticator=Authenticator(
                 envelope=envelope, blind_index=blind_index, passwords=passwords, limits=limits,
                 tokens=tokens, refresh_ttl=settings.refresh_token_ttl,
-                mfa_roles=settings.mfa_roles),
+                mfa_roles=settings.mfa_roles, session_cache=session_cache),
             accounts=Accounts(envelope, blind_index, passwords),
+            session_cache=session_cache,
             audit_key=settings.audit_key_bytes, queue_key=queue_key,
             reason_mac=ReasonMac.from_audit_key(settings.audit_key_bytes),
             sequencer=Sequencer(engine, settings.audit_key_bytes, queue_key,
@@ -94,15 +104,20 @@ class Runtime:
         )
 
     def start_background(self) -> None:
-        """Start this process's sequencer loop (a server process calls it at start-up)."""
+        """Start this process's sequencer loop and its subscription to the other processes'
+        revocations (a server process calls it at start-up)."""
         self.sequencer.start()
+        self.session_cache.start()
 
     async def close(self) -> None:
         """Stop the sequencer (chaining what is committed), then close the database."""
         try:
             await self.sequencer.stop()
         finally:
-            await self.engine.dispose()
+            try:
+                await self.session_cache.close()
+            finally:
+                await self.engine.dispose()
 
     @asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[AsyncSession]:
@@ -144,6 +159,7 @@ class Runtime:
         except BaseException:
             audit_service.requeue(session, events)  # so that the durable ones survive
             raise
+        await self.session_cache.committed(session)
         if events:
             await self._queued()
 
@@ -162,6 +178,7 @@ class Runtime:
     async def _roll_back(self, session: AsyncSession, exc: BaseException) -> None:
         await session.rollback()
         forget_new_keys(session)
+        self.session_cache.rolled_back(session)
         durable = audit_service.take_pending(session, durable_only=True)
         if isinstance(exc, IntegrityError):
             audit_service.record(session, Action.INTEGRITY_FAILURE, outcome=Outcome.ERROR)

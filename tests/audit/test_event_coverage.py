@@ -19,6 +19,7 @@ from fastapi import FastAPI
 import phivault
 from phivault.access.guards import app_routes
 from phivault.audit.actions import Action
+from phivault.auth.schemas import CreateStaff
 from phivault.runtime import Runtime
 from phivault.web.app import create_app
 from tests.clinical.world import (
@@ -92,11 +93,17 @@ ROUTES: dict[tuple[str, str], Audited | Unaudited] = {
     ("GET", "/api/v1/me/consents"): phi(Action.VIEW_CONSENT),
     ("PUT", "/api/v1/me/consents"): phi(Action.CONSENT_CHANGED),
     ("GET", "/api/v1/me/consents/history"): phi(Action.VIEW_CONSENT),
+    ("GET", "/api/v1/me/export"): phi(Action.DATA_EXPORT),
+    # Rectification and erasure.
+    ("PATCH", "/api/v1/me"): phi(Action.UPDATE_PROFILE),
+    ("DELETE", "/api/v1/me"): phi(Action.ACCOUNT_ERASED),
     # User administration.
     ("POST", "/api/v1/users"): account(Action.CREATE_USER),
     ("GET", "/api/v1/users"): account(Action.VIEW_USERS),
     ("PATCH", "/api/v1/users/{user_id}"): account(Action.UPDATE_USER),
     ("DELETE", "/api/v1/users/{user_id}/sessions"): account(Action.SESSION_REVOKED),
+    ("POST", "/api/v1/users/{user_id}/approve"): account(Action.APPROVE_USER),
+    ("POST", "/api/v1/users/{user_id}/invitation"): account(Action.RENEW_SETUP_TOKEN),
     ("GET", "/api/v1/doctors"): Unaudited("the public directory of doctors: no PHI"),
     # Clinical data.
     ("POST", "/api/v1/consultations"): phi(Action.CREATE_CONSULTATION),
@@ -117,6 +124,8 @@ ROUTES: dict[tuple[str, str], Audited | Unaudited] = {
     ("GET", "/api/v1/patients/{patient_id}/attachments"): phi(Action.VIEW_ATTACHMENT),
     ("GET", "/api/v1/attachments/{attachment_id}"): phi(Action.VIEW_ATTACHMENT),
     ("POST", "/api/v1/patients/{patient_id}/break-glass"): phi(Action.BREAK_GLASS),
+    ("GET", "/api/v1/me/care-team"): phi(Action.VIEW_CARE_TEAM),
+    ("DELETE", "/api/v1/me/care-team/{doctor_id}"): phi(Action.DELETE_CARE_RELATIONSHIP),
     # The audit trail.
     ("GET", "/api/v1/me/access-log"): phi(Action.VIEW_ACCESS_LOG),
     ("GET", "/api/v1/audit"): account(Action.VIEW_AUDIT_TRAIL),
@@ -369,6 +378,34 @@ async def _end_user_sessions(s: Scene) -> Call:
     return Call(response, s.admin.id)
 
 
+@step("POST", "/api/v1/users/{user_id}/approve")
+async def _approve_staff(s: Scene) -> Call:
+    """A pending account (made as with staff approval on), approved by another admin than its
+    creator; no mail is configured, so the token comes back (200)."""
+    async with s.rt.unit_of_work() as session:
+        pending = await s.rt.accounts.create_staff(session, CreateStaff(
+            email=new_email("pending"), full_name="Dr Penny Pending", role="doctor"),
+            creator=s.admin.id, approval=True)
+    second = await signed_in(s.rt, "admin")
+    response = await s.client.post(f"{API}/users/{pending.user.id}/approve",
+                                   headers=second.headers)
+    expect(response, 200)
+    return Call(response, second.id)
+
+
+@step("POST", "/api/v1/users/{user_id}/invitation")
+async def _renew_invitation(s: Scene) -> Call:
+    """A staff account whose owner has not set a password yet gets a new setup token."""
+    async with s.rt.unit_of_work() as session:
+        invited = await s.rt.accounts.create_staff(session, CreateStaff(
+            email=new_email("invited"), full_name="Ivo Invited", role="auditor"),
+            creator=s.admin.id)
+    response = await s.client.post(f"{API}/users/{invited.user.id}/invitation",
+                                   headers=s.admin.headers)
+    expect(response, 200)
+    return Call(response, s.admin.id)
+
+
 @step("PUT", "/api/v1/me/consents")
 async def _change_consents(s: Scene) -> Call:
     response = await s.client.put(f"{API}/me/consents", headers=s.patient.headers, json={
@@ -391,9 +428,24 @@ async def _consent_history(s: Scene) -> Call:
     return Call(response, s.pid, s.pid)
 
 
+@step("GET", "/api/v1/me/export")
+async def _export(s: Scene) -> Call:
+    response = await s.client.get(f"{API}/me/export", headers=s.patient.headers)
+    expect(response, 200)
+    return Call(response, s.pid, s.pid)
+
+
 @step("GET", "/api/v1/me")
 async def _me(s: Scene) -> Call:
     response = await s.client.get(f"{API}/me", headers=s.patient.headers)
+    expect(response, 200)
+    return Call(response, s.pid, s.pid)
+
+
+@step("PATCH", "/api/v1/me")
+async def _rectify(s: Scene) -> Call:
+    response = await s.client.patch(f"{API}/me", headers=s.patient.headers,
+                                    json={"phone": "+44 20 7946 0000"})
     expect(response, 200)
     return Call(response, s.pid, s.pid)
 
@@ -562,12 +614,37 @@ async def _verify(s: Scene) -> Call:
     return Call(response, s.auditor.id)
 
 
+@step("GET", "/api/v1/me/care-team")
+async def _care_team(s: Scene) -> Call:
+    response = await s.client.get(f"{API}/me/care-team", headers=s.patient.headers)
+    assert [m["id"] for m in expect(response, 200)] == [str(s.doctor.id)]
+    return Call(response, s.pid, s.pid)
+
+
+@step("DELETE", "/api/v1/me/care-team/{doctor_id}")
+async def _end_care(s: Scene) -> Call:
+    """Near the end: the doctor's access is over."""
+    response = await s.client.delete(f"{API}/me/care-team/{s.doctor.id}",
+                                     headers=s.patient.headers)
+    expect(response, 204)
+    return Call(response, s.pid, s.pid)
+
+
 def test_every_audited_route_has_a_step_and_every_step_a_route() -> None:
     stepped = [key for key, _ in STEPS]
     assert len(stepped) == len(set(stepped))
     audited = {key for key, c in ROUTES.items() if isinstance(c, Audited)}
     assert set(stepped) == audited
 
+
+
+@step("DELETE", "/api/v1/me")
+async def _erase(s: Scene) -> Call:
+    """Last: the patient leaves."""
+    response = await s.client.request("DELETE", f"{API}/me", headers=s.patient.headers,
+                                      json={"password": s.patient.password})
+    expect(response, 204)
+    return Call(response, s.pid, s.pid)
 
 async def test_every_audited_route_writes_its_event(client: httpx.AsyncClient,
                                                     runtime: Runtime) -> None:

@@ -203,9 +203,13 @@ def test_the_exact_path_is_canonical_fields() -> None:
     assert decode_line(impossible)[3] is None
 
 
-@given(st.binary(max_size=100), st.binary(max_size=3000))
-def test_chain_mac_is_hmac_sha256(key: bytes, message: bytes) -> None:
-    assert ChainMac(key).digest(message) == hmac.digest(key, message, "sha256")
+@given(st.binary(max_size=100), st.binary(max_size=3000), st.binary(max_size=40))
+def test_chain_mac_is_hmac_sha256(key: bytes, message: bytes, more: bytes) -> None:
+    """RFC 2104 over hashlib (keys longer than SHA-256's block are hashed first), whole or in
+    parts."""
+    mac = ChainMac(key)
+    assert mac.digest(message) == hmac.digest(key, message, "sha256")
+    assert mac.digest(more, message) == hmac.digest(key, more + message, "sha256")
 
 
 # Joining ranges.

@@ -149,6 +149,7 @@ MATRIX: tuple[Route, ...] = (
     # The patient's own consents.
     Route("GET", "/me/consents", "consents", by_role(patient=ok())),
     Route("GET", "/me/consents/history", "consents", by_role(patient=ok())),
+    Route("GET", "/me/export", "consents", by_role(patient=ok())),
     Route("PUT", "/me/consents", "consents", by_role(patient=ok()),
           json_body({"marketing": False, "data_sharing": True, "analytics": False})),
 
@@ -156,12 +157,18 @@ MATRIX: tuple[Route, ...] = (
     Route("POST", "/patients/{patient_id}/break-glass", "break_glass", by_role(doctor=ok(201)),
           json_body({"reason": BREAK_GLASS_REASON})),
 
+    # The patient's care team: each patient their own; another patient's doctor is unknown to
+    # them. The end (DELETE) changes who may see what, so it is its family's last call.
+    Route("GET", "/me/care-team", "care_team", by_role(patient=ok())),
+    Route("DELETE", "/me/care-team/{doctor_id}", "care_team",
+          by_role(patient=ok(204), other_patient=NOT_FOUND)),
+
     # The audit trail: auditors search it; each patient reads their own access log.
     Route("GET", "/audit", "audit", by_role(auditor=ok())),
     Route("GET", "/me/access-log", "audit", by_role(patient=ok())),
 )
 
-FAMILIES = ("chart", "consultations", "consents", "break_glass", "audit")
+FAMILIES = ("chart", "consultations", "consents", "break_glass", "care_team", "audit")
 
 # Routes under /api/v1 that touch no patient's clinical data.
 NON_CLINICAL = {"/api/v1/me", "/api/v1/me/sessions", "/api/v1/me/sessions/{session_id}",
@@ -195,7 +202,8 @@ def url_for(route: Route, caller: Caller) -> str:
     chart = caller.chart
     return API + route.path.format(
         patient_id=chart.patient.id, record_id=chart.record_id,
-        attachment_id=chart.attachment_id, consultation_id=chart.consultation_id)
+        attachment_id=chart.attachment_id, consultation_id=chart.consultation_id,
+        doctor_id=chart.doctor.id)
 
 
 def leaked_rows(body: Any, caller: Caller) -> bool:

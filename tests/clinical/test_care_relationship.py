@@ -21,6 +21,7 @@ from tests.clinical.world import (
     expect,
     expire_break_glass,
     file_of,
+    move_consultation,
     prescribe,
     propose,
     set_consent,
@@ -127,6 +128,10 @@ async def test_completion_is_the_doctors_and_keeps_the_relationship(
     expect(await client.patch(url, headers=patient.headers, json={"notes": "I feel fine"}), 403,
            "forbidden")
     expect(await client.patch(url, headers=patient.headers, json={}), 422)
+    # Not before its time (SPEC §7): completed at once, it would outlive the patient's cancel.
+    expect(await client.patch(url, headers=doctor.headers, json={"status": "completed"}), 409,
+           "conflict")
+    await move_consultation(runtime, consultation["id"])  # its time has come
     done = expect(await client.patch(url, headers=doctor.headers, json={
         "status": "completed", "notes": "Responded well"}), 200)
     assert (done["status"], done["notes"]) == ("completed", "Responded well")

@@ -14,7 +14,7 @@ import httpx
 from sqlalchemy import select, update
 
 from phivault.audit.models import AuditEvent
-from phivault.clinical.models import BreakGlassGrant
+from phivault.clinical.models import BreakGlassGrant, Consultation
 from phivault.db.base import utcnow
 from phivault.runtime import Runtime
 from tests.factories import TestUser, signed_in
@@ -133,6 +133,24 @@ async def expire_break_glass(rt: Runtime, doctor_id: uuid.UUID, patient_id: uuid
             .values(expires_at=utcnow() - timedelta(seconds=1)))
 
 
+async def move_consultation(rt: Runtime, consultation_id: object, *,
+                            ago: timedelta = timedelta(hours=1)) -> None:
+    """Move a consultation's scheduled time into the past (`ago` before now), as if its time
+    had come: only then may the doctor complete it."""
+    async with rt.unit_of_work() as session:
+        await session.execute(update(Consultation).where(
+            Consultation.id == uuid.UUID(str(consultation_id)))
+            .values(scheduled_at=utcnow() - ago))
+
+
+async def complete(rt: Runtime, client: httpx.AsyncClient, doctor: TestUser,
+                   consultation_id: object, *,
+                   ago: timedelta = timedelta(hours=1)) -> dict[str, Any]:
+    """The consultation took place `ago` before now, and the doctor marks it completed."""
+    await move_consultation(rt, consultation_id, ago=ago)
+    return await set_status(client, doctor, consultation_id, "completed")
+
+
 async def events_of(rt: Runtime, request_ids: Iterable[str]) -> dict[str, list[AuditEvent]]:
     """The audit events of each request id, in chain order."""
     ids = list(request_ids)
@@ -218,7 +236,7 @@ async def build_world(rt: Runtime, client: httpx.AsyncClient) -> World:
     await set_consent(client, q, False)  # the newest consent is what counts
 
     done = await book(client, p, users["completed"])
-    await set_status(client, users["completed"], done["id"], "completed")
+    await complete(rt, client, users["completed"], done["id"])
     proposal = await propose(client, users["proposed"], p)
     assert proposal["status"] == "proposed"
     cancelled = await book(client, p, users["cancelled"])

@@ -161,6 +161,10 @@ REFUSALS = [
     ("setval_queue_sequence", "SELECT setval(pg_get_serial_sequence('audit_queue', 'id'), 1)",
      "permission denied for sequence"),
     ("truncate_application_table", "TRUNCATE users", "permission denied for table users"),
+    # A patient's end of a doctor's care relationship (SPEC §7) is append-only.
+    ("delete_care_ending", "DELETE FROM care_endings", "permission denied for table care_endings"),
+    ("update_care_ending", "UPDATE care_endings SET ended_at = now()",
+     "permission denied for table care_endings"),
     ("create_table", "CREATE TABLE intruder (id int)", "permission denied for schema"),
     # A temporary table is searched first: named audit_events, it would satisfy the queue
     # trigger's unqualified lookup and let an unchained event be deleted.

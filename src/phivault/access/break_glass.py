@@ -22,18 +22,20 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from phivault.access.care import break_glass_window, deny, is_patient
+from phivault.access.care import break_glass_window, deny, patient_status
 from phivault.audit import service as audit
 from phivault.audit.actions import Action
+from phivault.auth.accounts import account_email
 from phivault.auth.tokens import AccessClaims
 from phivault.clinical import notifications
 from phivault.clinical.models import BreakGlassGrant
 from phivault.crypto.envelope import Envelope, IntegrityError
 from phivault.crypto.keys import derive_key
 from phivault.db.base import core_table, utcnow
-from phivault.errors import NotFound
+from phivault.errors import NoCareRelationship, NotFound
 from phivault.keys.models import DataKeyRow
 from phivault.keys.service import cipher_from_wrapped, new_row_cipher
+from phivault.ops.mail import Outbox, break_glass_notice
 
 GRANTS = "break_glass_grants"
 REASON_MAC_PURPOSE = "break-glass-reason"
@@ -67,11 +69,18 @@ class ReasonMac:
 
 async def break_glass(session: AsyncSession, envelope: Envelope, reason_mac: ReasonMac,
                       claims: AccessClaims, patient_id: uuid.UUID,
-                      reason: str) -> BreakGlassGrant:
+                      reason: str, outbox: Outbox | None = None) -> BreakGlassGrant:
     """Grant `claims`' doctor 60 minutes of read access to the patient's chart, seal the reason
-    in the grant and bind it in the BREAK_GLASS event (`reason_mac`)."""
-    if not await is_patient(session, patient_id):
+    in the grant and bind it in the BREAK_GLASS event (`reason_mac`). With an `outbox` (mail
+    configured), the patient is also mailed once the grant has committed: when, and where to
+    look; never the reason."""
+    status = await patient_status(session, patient_id)
+    if status is None:
         raise deny(session, NotFound(), None, "break_glass", "no_such_patient")
+    if status == "deleted":
+        # Nobody reads an erased patient's chart, in an emergency neither (SPEC §7, §9):
+        # there is no living person's care to serve, and no one to notify.
+        raise deny(session, NoCareRelationship(), patient_id, "break_glass", "erased")
     now = utcnow()
     grant_id = uuid.uuid4()
     cipher = new_row_cipher(session, envelope, GRANTS, grant_id)
@@ -90,6 +99,11 @@ async def break_glass(session: AsyncSession, envelope: Envelope, reason_mac: Rea
         "A doctor used emergency (break-glass) access to read your medical records at "
         f"{now:%Y-%m-%d %H:%M} UTC, for 60 minutes. It is in your access log, and auditors "
         "review the reason they gave.")
+    if outbox is not None:
+        # By mail too, sent once the grant has committed: when, and where to look.
+        email = await account_email(session, envelope, patient_id)
+        if email is not None:
+            outbox.post(break_glass_notice(patient_id, email, now))
     return grant
 
 

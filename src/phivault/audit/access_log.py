@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, literal, select
+from sqlalchemy import ColumnElement, Row, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from phivault.audit import search
@@ -59,16 +59,34 @@ async def read(session: AsyncSession, sequencer: Sequencer, patient_id: uuid.UUI
     page = (select(_EVENTS.c.seq.label("seq")).where(*where).order_by(_EVENTS.c.seq.desc())
             .limit(limit).offset(offset).subquery("page"))
     rows = (await session.execute(
-        select(_EVENTS.c.at, _EVENTS.c.actor_role, _STAFF.c.full_name, _EVENTS.c.action,
-               _EVENTS.c.outcome, _EVENTS.c.metadata)
+        select(*_ENTRY_COLUMNS)
         .select_from(_EVENTS.join(page, page.c.seq == _EVENTS.c.seq)
                      .outerjoin(_STAFF, _STAFF.c.user_id == _EVENTS.c.actor_id))
         .order_by(_EVENTS.c.seq.desc()))).all()
-    entries = [AccessLogEntry(at=row.at, actor_role=row.actor_role, actor_name=row.full_name,
-                              action=row.action, outcome=row.outcome,
-                              break_glass=is_break_glass(row.action, row.metadata))
-               for row in rows]
-    return entries, total
+    return [_entry(row) for row in rows], total
+
+
+_ENTRY_COLUMNS = (_EVENTS.c.seq, _EVENTS.c.at, _EVENTS.c.actor_role, _STAFF.c.full_name,
+                  _EVENTS.c.action, _EVENTS.c.outcome, _EVENTS.c.metadata)
+
+
+def _entry(row: Row[*tuple[Any, ...]]) -> AccessLogEntry:
+    return AccessLogEntry(at=row.at, actor_role=row.actor_role, actor_name=row.full_name,
+                          action=row.action, outcome=row.outcome,
+                          break_glass=is_break_glass(row.action, row.metadata))
+
+
+async def entries_after(session: AsyncSession, patient_id: uuid.UUID, after_seq: int,
+                        up_to_seq: int, limit: int) -> list[tuple[int, AccessLogEntry]]:
+    """The log oldest first, a page at a time by `seq` (keyset pagination), for readers that
+    walk all of it (the data export): the entries with `after_seq < seq <= up_to_seq`, each
+    with its `seq`. Neither sequences nor records an event: as `read`, the caller does."""
+    rows = (await session.execute(
+        select(*_ENTRY_COLUMNS)
+        .select_from(_EVENTS.outerjoin(_STAFF, _STAFF.c.user_id == _EVENTS.c.actor_id))
+        .where(*_about(patient_id), _EVENTS.c.seq > after_seq, _EVENTS.c.seq <= up_to_seq)
+        .order_by(_EVENTS.c.seq).limit(limit))).all()
+    return [(row.seq, _entry(row)) for row in rows]
 
 
 async def view(session: AsyncSession, sequencer: Sequencer, patient_id: uuid.UUID,
@@ -78,3 +96,11 @@ async def view(session: AsyncSession, sequencer: Sequencer, patient_id: uuid.UUI
     audit.record(session, Action.VIEW_ACCESS_LOG, resource_type="access_log",
                  patient_id=patient_id, metadata={"count": len(entries), "offset": offset})
     return entries, total
+
+
+async def count_up_to(session: AsyncSession, patient_id: uuid.UUID, up_to_seq: int) -> int:
+    """How many entries `entries_after` walks through up to `up_to_seq` (exact, uncapped: an
+    export counts what it will write)."""
+    return int((await session.execute(
+        select(func.count()).select_from(_EVENTS)
+        .where(*_about(patient_id), _EVENTS.c.seq <= up_to_seq))).scalar_one())

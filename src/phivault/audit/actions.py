@@ -48,6 +48,12 @@ class Action(StrEnum):
     UPDATE_USER = "UPDATE_USER"
     IMPORT_USERS = "IMPORT_USERS"
     VIEW_USERS = "VIEW_USERS"
+    # A second admin approved a pending staff account (SPEC §6); resource_id: the account.
+    APPROVE_USER = "APPROVE_USER"
+    # An admin (never the creator, with approval on) renewed a staff account's setup token.
+    RENEW_SETUP_TOKEN = "RENEW_SETUP_TOKEN"
+    # An invitation or a break-glass notice could not be mailed (ops/mail.py); by the system.
+    MAIL_FAILURE = "MAIL_FAILURE"
 
     # Key operations.
     KEY_REWRAP = "KEY_REWRAP"
@@ -77,3 +83,7 @@ class Action(StrEnum):
     VIEW_PATIENT_LIST = "VIEW_PATIENT_LIST"
     VIEW_ACCESS_LOG = "VIEW_ACCESS_LOG"
     VIEW_CONSENT = "VIEW_CONSENT"
+    # The patient's care team (SPEC §7): listed; one doctor's relationship ended by the patient
+    # (resource_id: the doctor).
+    VIEW_CARE_TEAM = "VIEW_CARE_TEAM"
+    DELETE_CARE_RELATIONSHIP = "DELETE_CARE_RELATIONSHIP"

@@ -3,53 +3,17 @@ events, and the entries of a patient's access log."""
 
 from __future__ import annotations
 
-import re
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import (
-    AfterValidator,
-    AwareDatetime,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from phivault.audit.actions import Action, Outcome
-from phivault.schemas import UUIDText
+from phivault.schemas import Instant, UUIDText
 
-# Only ISO 8601 with an explicit offset: pydantic alone would also take a Unix timestamp
-# ("1700000000") or a date, and a time without an offset is ambiguous.
-_INSTANT = re.compile(
-    r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|z|[+-]\d{2}:\d{2})$")
-
-
-def _instant(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value
-    if not isinstance(value, str) or not _INSTANT.match(value):
-        # The usual mistake: an unencoded "+01:00" arrives as " 01:00" in a query string.
-        raise ValueError("must be an ISO 8601 time with an offset, e.g. 2031-05-04T10:00:00Z "
-                         "(in a URL, write + as %2B)")
-    return value
-
-
-def _in_utc_range(value: datetime) -> datetime:
-    # 0001-01-01T00:00:00+14:00 is a valid time that has no UTC equivalent a datetime can hold;
-    # refuse it here, or comparing it with the trail's UTC times fails as a 500.
-    try:
-        value.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("must be a time between 0001-01-01 and 9999-12-31 in UTC") from None
-    return value
-
-
-Instant = Annotated[AwareDatetime, BeforeValidator(_instant), AfterValidator(_in_utc_range)]
+# `Instant` (ISO 8601 with an offset, never a timestamp) is shared: phivault.schemas.
 ResourceType = Annotated[str, StringConstraints(min_length=1, max_length=48,
                                                 pattern=r"^[a-z][a-z_]*$")]
 PAGING_PARAMETERS = frozenset({"limit", "offset"})

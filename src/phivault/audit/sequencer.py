@@ -35,7 +35,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Text, bindparam, cast, delete, select, text, update
+from sqlalchemy import Text, bindparam, cast, delete, exists, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -64,7 +64,11 @@ QUEUE_COLUMNS = (_QUEUE.c.id, _QUEUE.c.event_id, _QUEUE.c.at, _QUEUE.c.actor_id,
                  _QUEUE.c.user_agent, _QUEUE.c.request_id,
                  # As text, parsed row by row: one unparseable value must not fail the batch.
                  cast(_QUEUE.c.metadata, Text).label("metadata"), _QUEUE.c.mac)
-_TAKE = select(*QUEUE_COLUMNS).order_by(_QUEUE.c.id).limit(bindparam("batch"))
+# The oldest queued events, each with whether an event of its id is already chained (a replayed
+# copy: its MAC is the original's), in one round trip.
+_TAKE = (select(*QUEUE_COLUMNS, exists().where(_EVENTS.c.event_id == _QUEUE.c.event_id)
+                .label("chained"))
+         .order_by(_QUEUE.c.id).limit(bindparam("batch")))
 # The election: the head's row lock, which only a role that may UPDATE the head can take (an
 # advisory lock can be taken by any role that may connect, so a read-only role could stall
 # the sequencer with one). SKIP LOCKED: another sequencer holds it, step aside.
@@ -75,8 +79,6 @@ _MOVE_HEAD = (update(_HEAD).where(_HEAD.c.id == 1)
               .values(seq=bindparam("new_seq"), hash=bindparam("new_hash")))
 _INSERT_EVENTS = _EVENTS.insert()
 _INSERT_REJECTED = _REJECTED.insert()
-_ALREADY_CHAINED = select(_EVENTS.c.event_id).where(
-    _EVENTS.c.event_id.in_(bindparam("event_ids", expanding=True)))
 _DELETE_TAKEN = delete(_QUEUE).where(_QUEUE.c.id.in_(bindparam("ids", expanding=True)))
 _PEEK = select(_QUEUE.c.id).limit(1)
 # How long a reader waits for the sequencer at work before reading without it.
@@ -173,19 +175,17 @@ class Sequencer:
         rows = (await connection.execute(_TAKE, {"batch": BATCH})).all()
         if not rows:
             return 0, []
-        intact = [row for row in rows if queued_event_intact(self._queue_key, row)]
-        # A replayed copy of an event already chained (its MAC is the original's) is rejected
-        # too: chaining it again would fail on the unique event id and stall the sequencer.
-        chained_before = set((await connection.execute(
-            _ALREADY_CHAINED, {"event_ids": [row.event_id for row in intact]})).scalars()
-        ) if intact else set()
         events: list[dict[str, Any]] = []
         rejected: list[dict[str, Any]] = []
-        intact_ids = {row.id for row in intact}
         for row in rows:
-            if row.id not in intact_ids or row.event_id in chained_before:
-                rejected.append(self._rejected(row, "replayed" if row.id in intact_ids
-                                               else "mac_mismatch"))
+            # A replayed copy of an event already chained (its MAC is the original's) is
+            # rejected too: chaining it again would fail on the unique event id and stall the
+            # sequencer.
+            if not queued_event_intact(self._queue_key, row[:-1]):
+                rejected.append(self._rejected(row, "mac_mismatch"))
+                continue
+            if row.chained:
+                rejected.append(self._rejected(row, "replayed"))
                 continue
             metadata = parse_metadata(row.metadata) or {}  # intact: a JSON object
             seq += 1

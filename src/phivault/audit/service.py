@@ -58,6 +58,13 @@ METADATA_KEYS = frozenset({
     # without the key derived from the audit key it cannot be reversed or checked against a
     # guessed reason; it lets the chain vouch for the sealed reason (access/break_glass.py).
     "reason_mac",
+    # Data-subject rights (SPEC §9): the names of rectified profile fields (from the request
+    # model's field names, never values); proof-of-consent reads (`at`, a flag); what an
+    # erasure did (counts); a research export's size (counts and its kind).
+    "fields", "at", "already_erased", "notifications_deleted", "consultations_cancelled",
+    "data_keys_destroyed", "kind", "patients", "records", "suppressed",
+    # How an approved staff account's setup token left (SPEC §6): `mail` or `answer`.
+    "delivery",
 })
 
 

@@ -67,16 +67,23 @@ SESSION_SETTINGS = ("SET LOCAL TimeZone = 'UTC'", "SET LOCAL DateStyle = 'ISO, Y
 
 class ChainMac:
     """HMAC-SHA256 under one key for many messages: the standard library's HMAC keyed once and
-    copied per message (the padded key's work is not repeated), the chain's `chain_hash` at
-    about two thirds of `hmac.digest`'s per-call cost. A test pins it to `hmac.digest`."""
+    copied per message (the padded key's work is not repeated). CPython's `hmac.HMAC` wraps
+    OpenSSL's HMAC object (`_hmac`); that object, used directly, has the same `copy`, `update`
+    and `digest` without a Python method around each, which a per-event loop feels (0.88 µs
+    against 1.16 µs for a 480-byte message here). Where it is missing, the wrapper itself
+    serves. A test pins it to `hmac.digest`."""
 
     def __init__(self, key: bytes) -> None:
-        self.keyed = hmac.new(key, digestmod=hashlib.sha256)
+        keyed = hmac.new(key, digestmod=hashlib.sha256)
+        self.keyed: Any = getattr(keyed, "_hmac", None) or keyed
 
-    def digest(self, message: bytes) -> bytes:
+    def digest(self, *parts: bytes) -> bytes:
+        """The MAC of the concatenation of `parts`."""
         mac = self.keyed.copy()
-        mac.update(message)
-        return mac.digest()
+        for part in parts:
+            mac.update(part)
+        digest: bytes = mac.digest()
+        return digest
 
 
 _HASH_FIELDS = ("first_prev", "first_hash", "last_hash")
@@ -224,12 +231,9 @@ class RangeCheck:
             self._check_exact(lines.pop(0))
             if not lines or self.first_bad_seq is not None:
                 return
-        # A backslash in the chunk: NULL markers to turn into null, and perhaps metadata that
-        # only the exact path reads right.
-        escapes = b"\\" in data
         index = 0
         while index < len(lines):
-            index = self._check_fast(lines, index, escapes)
+            index = self._check_fast(lines, index)
             if index < len(lines):
                 # This line failed the fast path (or is not for it): the exact path decides.
                 self._check_exact(lines[index])
@@ -249,21 +253,21 @@ class RangeCheck:
             last_hash=binascii.unhexlify(self._last_hex) if self._last_hex else None,
             first_bad_seq=self.first_bad_seq)
 
-    def _check_fast(self, lines: list[bytes], start: int, escapes: bool) -> int:
+    def _check_fast(self, lines: list[bytes], start: int) -> int:
         """Check `lines[start:]` on the fast path, each following a checked line; return the
         index of the first line that failed or is not for the fast path (`len(lines)` when
         none), with the state of the lines before it.
 
-        The hot loop (SPEC §14): locals only, one template, one MAC, no object per field.
-        Each line's `seq` is not parsed: an event whose `prev_hash` is its predecessor's hash
-        and whose MAC (over its `seq`) holds is its predecessor's successor, so the `seq`s of
-        lines that pass are consecutive; the last one's is compared all the same.
+        The hot loop (SPEC §14): locals only, one template, no object per field, and the MAC
+        in four calls into OpenSSL's HMAC object (`ChainMac`, unrolled). Each line's `seq` is
+        not parsed: an event whose `prev_hash` is its predecessor's hash and whose MAC (over its
+        `seq`) holds is its predecessor's successor, so the `seq`s of lines that pass are
+        consecutive; the last one's is compared all the same.
         """
         template, quoted_null, metadata_cache = _TEMPLATE, _QUOTED_NULL, self._metadata
         keyed_copy = self._mac.keyed.copy
         hexlify, same = binascii.hexlify, hmac.compare_digest
         last_hex, last_raw = self._last_hex, self._last_raw
-        seq = b""
         index = start
         for index in range(start, len(lines)):
             line = lines[index]
@@ -273,8 +277,12 @@ class RangeCheck:
                  user_agent) = line.split(b"\t")
             except ValueError:
                 break
-            if (prev_hex != last_hex or line.find(b'"', len(metadata)) >= 0
-                    or (escapes and b"\\" in metadata)):
+            if prev_hex != last_hex or line.find(b'"', len(metadata)) >= 0:
+                break
+            # A backslash in the line: NULL markers to turn into null, and perhaps metadata
+            # that only the exact path reads right.
+            escapes = b"\\" in line
+            if escapes and b"\\" in metadata:
                 break
             # Metadata of one key (or none) is stored as its canonical JSON already (orjson,
             # compact); other metadata is put in canonical order once per distinct text.
@@ -335,7 +343,7 @@ class RangeCheck:
             return
         else:
             prev_raw = self._last_raw
-        digest = self._mac.digest(prev_raw + canonical) if canonical is not None else b""
+        digest = self._mac.digest(prev_raw, canonical) if canonical is not None else b""
         if canonical is None or not hmac.compare_digest(binascii.hexlify(digest), digest_hex):
             self.first_bad_seq = seq
             return

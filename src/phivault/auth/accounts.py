@@ -1,9 +1,16 @@
-"""Accounts: patient registration, staff onboarding with one-time setup tokens, legacy import,
-and the administration of users (list, re-role, disable, end sessions), the doctor directory
-and the caller's own account.
+"""Accounts: patient registration, staff onboarding with one-time setup tokens (and, with staff
+approval on, a second admin's approval first), legacy import, and the administration of users
+(list, re-role, disable, end sessions), the doctor directory and the caller's own account.
 
 Every email is sealed under its row's data key and found by its blind index; an admin sees
 emails (they administer accounts) but never a profile, record or other PHI.
+
+Separation of duties (SPEC §6): with staff approval on, a staff account an admin creates is
+`pending` and has no setup token at all. Only `approve_staff` (and later `renew_invitation`),
+called by another admin, makes its token, and hands it to the new member by mail (or, with no
+mail configured, to the calling admin), never to the creator. A pending account has no password
+and no token, so it can neither log in nor redeem anything, and no other change of the API
+(`update_user`) makes it active.
 """
 
 from __future__ import annotations
@@ -12,14 +19,14 @@ import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from phivault.access.permissions import Role
 from phivault.audit import service as audit
-from phivault.audit.actions import Action
+from phivault.audit.actions import Action, Outcome
 from phivault.auth.models import AuthSession, StaffProfile, User
 from phivault.auth.passwords import Passwords, is_bcrypt_hash, password_problem
 from phivault.auth.schemas import (
@@ -28,6 +35,7 @@ from phivault.auth.schemas import (
     DoctorView,
     Me,
     RegisterRequest,
+    SetupInvitation,
     UserView,
 )
 from phivault.auth.service import (
@@ -42,13 +50,22 @@ from phivault.crypto.blind_index import BlindIndex
 from phivault.crypto.envelope import Envelope
 from phivault.db.base import utcnow
 from phivault.db.paging import fetch_page
-from phivault.errors import Conflict, EmailTaken, InvalidToken, NotFound, WeakPassword
+from phivault.errors import (
+    Conflict,
+    EmailTaken,
+    Forbidden,
+    InvalidToken,
+    NotFound,
+    WeakPassword,
+)
 from phivault.keys.service import new_row_cipher, row_cipher
+from phivault.ops.mail import Outbox, invitation
 from phivault.privacy.models import Consent
 from phivault.request_context import Actor
 
 SETUP_TOKEN_HOURS = 72
 STAFF_ROLES = frozenset({Role.DOCTOR, Role.ADMIN, Role.AUDITOR})
+PENDING = "pending"
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,22 +142,121 @@ class Accounts:
                          "analytics": choices.analytics})
         return CreatedAccount(user, request.email)
 
-    async def create_staff(self, session: AsyncSession, request: CreateStaff) -> CreatedAccount:
-        """A staff account with no password: the answer's one-time setup token (valid 72 h,
-        stored hashed) lets the new user choose theirs, so the admin never knows it."""
+    async def create_staff(self, session: AsyncSession, request: CreateStaff, *,
+                           creator: uuid.UUID | None = None,
+                           approval: bool = False) -> CreatedAccount:
+        """A staff account with no password, created by the admin `creator`.
+
+        Without `approval`, the answer's one-time setup token (valid 72 h, stored hashed) lets
+        the new user choose their password, so the admin never knows it. With `approval`, the
+        account is `pending` and has no token yet: `approve_staff` by another admin makes it."""
         if request.specialty is not None and request.role != "doctor":
             raise Conflict("Only doctors have a specialty.")
         await self._email_free(session, email_lookup(self.blind_index, request.email))
         user = self._new_user(session, request.email, request.role, None)
-        token = new_opaque_token()
-        user.setup_token_hash = token_digest(token)
-        user.setup_expires_at = utcnow() + timedelta(hours=SETUP_TOKEN_HOURS)
+        user.created_by = creator
+        token = None
+        if approval:
+            user.status = PENDING
+        else:
+            token = self._new_setup_token(user)
         await session.flush()
         session.add(StaffProfile(user_id=user.id, full_name=request.full_name,
                                  specialty=request.specialty))
         audit.record(session, Action.CREATE_USER, resource_type="user", resource_id=user.id,
-                     metadata={"role": request.role})
+                     metadata={"role": request.role, "status": user.status})
         return CreatedAccount(user, request.email, token)
+
+    @staticmethod
+    def _new_setup_token(user: User) -> str:
+        token = new_opaque_token()
+        user.setup_token_hash = token_digest(token)
+        user.setup_expires_at = utcnow() + timedelta(hours=SETUP_TOKEN_HOURS)
+        return token
+
+    async def approve_staff(self, session: AsyncSession, approver: uuid.UUID,
+                            user_id: uuid.UUID, outbox: Outbox | None) -> SetupInvitation | None:
+        """A second admin approves a pending staff account: it becomes `active` and gets its
+        one-time setup token (valid 72 h from now). With an `outbox` (mail configured) the
+        token is mailed to the account's own address once this commits, and None returned;
+        without, the token is returned for the approving admin to hand over.
+
+        The admin who created the account may never approve it (`Forbidden`, audited as
+        `ACCESS_DENIED`); an account that is not pending is a `Conflict`."""
+        user = await self._account_unless_created_by(session, user_id, approver,
+                                                     "creator_cannot_approve")
+        if user.status != PENDING:
+            raise Conflict("Only a pending account can be approved.")
+        token = new_opaque_token()
+        expires_at = utcnow() + timedelta(hours=SETUP_TOKEN_HOURS)
+        # Exactly one approval, even against a concurrent one by a third admin.
+        claimed = await session.execute(
+            update(User).where(User.id == user.id, User.status == PENDING)
+            .values(status="active", setup_token_hash=token_digest(token),
+                    setup_expires_at=expires_at)
+            .execution_options(synchronize_session=False))
+        if int(claimed.rowcount) != 1:  # type: ignore[attr-defined]
+            raise Conflict("Only a pending account can be approved.")
+        await session.refresh(user)
+        audit.record(session, Action.APPROVE_USER, resource_type="user", resource_id=user.id,
+                     metadata={"role": user.role,
+                               "delivery": "mail" if outbox is not None else "answer"})
+        return await self._hand_over(session, user, token, expires_at, outbox)
+
+    async def renew_invitation(self, session: AsyncSession, admin: uuid.UUID,
+                               user_id: uuid.UUID, outbox: Outbox | None, *,
+                               approval: bool) -> SetupInvitation | None:
+        """A new one-time setup token (valid 72 h) for an active staff account whose owner has
+        not chosen a password yet: an invitation that could not be mailed, was lost, or ran
+        out. The previous token dies. It goes as `approve_staff`'s does (mailed, or returned).
+
+        With staff `approval` on, the account's creator may not renew it (`Forbidden`, as for
+        approving). An account that is pending (approve it), has a password, or is not active
+        is a `Conflict`: a renewal never reopens an account someone already holds."""
+        user = await self._account_unless_created_by(
+            session, user_id, admin if approval else None, "creator_cannot_invite")
+        token = new_opaque_token()
+        expires_at = utcnow() + timedelta(hours=SETUP_TOKEN_HOURS)
+        # Checked in the write itself: a password chosen meanwhile (a concurrent redeem) wins.
+        claimed = await session.execute(
+            update(User).where(User.id == user.id, User.status == "active",
+                               User.role.in_(STAFF_ROLES), User.password_hash.is_(None))
+            .values(setup_token_hash=token_digest(token), setup_expires_at=expires_at)
+            .execution_options(synchronize_session=False))
+        if int(claimed.rowcount) != 1:  # type: ignore[attr-defined]
+            raise Conflict("Only an active staff account whose owner has not chosen a password "
+                           "yet gets a new invitation.")
+        await session.refresh(user)
+        audit.record(session, Action.RENEW_SETUP_TOKEN, resource_type="user",
+                     resource_id=user.id,
+                     metadata={"role": user.role,
+                               "delivery": "mail" if outbox is not None else "answer"})
+        return await self._hand_over(session, user, token, expires_at, outbox)
+
+    async def _account_unless_created_by(self, session: AsyncSession, user_id: uuid.UUID,
+                                         not_by: uuid.UUID | None, reason: str) -> User:
+        """The account, unless it is unknown (`NotFound`) or was created by `not_by`
+        (`Forbidden`, audited as `ACCESS_DENIED` with `reason`)."""
+        user = await session.get(User, user_id)
+        if user is None:
+            raise NotFound()
+        if not_by is not None and user.created_by == not_by:
+            audit.record(session, Action.ACCESS_DENIED, outcome=Outcome.DENIED,
+                         resource_type="user", resource_id=user.id, metadata={"reason": reason})
+            raise Forbidden("The admin who created an account cannot approve it or hand out "
+                            "its setup token: another admin must.")
+        return user
+
+    async def _hand_over(self, session: AsyncSession, user: User, token: str,
+                         expires_at: datetime, outbox: Outbox | None) -> SetupInvitation | None:
+        """Mail the setup token to the account's own address once the work commits, or, with
+        no mail, return it for the calling admin to hand over."""
+        if outbox is None:
+            return SetupInvitation(setup_token=token, setup_expires_at=expires_at)
+        email = (await user_cipher(session, self.envelope, user)).open("email",
+                                                                       user.email or b"")
+        outbox.post(invitation(user.id, email, user.role, token, expires_at))
+        return None
 
     async def create_with_password(self, session: AsyncSession, email: str, role: str,
                                    full_name: str, specialty: str | None,
@@ -267,6 +383,9 @@ class Accounts:
             raise Conflict("You cannot change your own role or status.")
         if role is not None and role != user.role and user.role == Role.PATIENT:
             raise Conflict("A patient account cannot become a staff account.")
+        if status is not None and status != user.status and user.status == PENDING:
+            raise Conflict("A pending account becomes active only when a second admin "
+                           "approves it (POST /users/{id}/approve).")
         changed: dict[str, str] = {}
         if role is not None and role != user.role:
             changed["role"] = role
@@ -302,7 +421,10 @@ class Accounts:
             .order_by(StaffProfile.full_name, User.id).limit(limit).offset(offset))).all()
         return [DoctorView(id=i, full_name=n, specialty=s) for i, n, s in rows], total
 
-    async def me(self, session: AsyncSession, user_id: uuid.UUID) -> Me:
+    async def me(self, session: AsyncSession, user_id: uuid.UUID, *,
+                 record_view: bool = True) -> Me:
+        """The caller's account and profile. `record_view=False` when the answer follows a
+        change the caller just made (rectification), which has its own event."""
         user = await session.get(User, user_id)
         if user is None:
             raise InvalidToken()
@@ -321,8 +443,9 @@ class Accounts:
                     "sex": cipher.open_optional("sex", profile.sex),
                     "phone": cipher.open_optional("phone", profile.phone),
                     "address": cipher.open_optional("address", profile.address)})
-            audit.record(session, Action.VIEW_PROFILE, resource_type="patient_profile",
-                         resource_id=user.id, patient_id=user.id)
+            if record_view:
+                audit.record(session, Action.VIEW_PROFILE, resource_type="patient_profile",
+                             resource_id=user.id, patient_id=user.id)
         else:
             staff = await session.get(StaffProfile, user.id)
             if staff is not None:
@@ -330,3 +453,12 @@ class Accounts:
                                            "specialty": staff.specialty})
         return me
 
+
+async def account_email(session: AsyncSession, envelope: Envelope,
+                        user_id: uuid.UUID) -> str | None:
+    """The account's email, opened (PHI: only to mail its owner), or None when the account is
+    unknown or erased."""
+    user = await session.get(User, user_id)
+    if user is None or user.email is None:
+        return None
+    return (await user_cipher(session, envelope, user)).open("email", user.email)

@@ -5,12 +5,20 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Response, status
+from fastapi import APIRouter, BackgroundTasks, Depends, Response, status
 
 from phivault.access.guards import ANY_ROLE, Allow
 from phivault.access.permissions import Role
-from phivault.auth.schemas import CreatedStaff, CreateStaff, DoctorView, UpdateUser, UserView
+from phivault.auth.schemas import (
+    CreatedStaff,
+    CreateStaff,
+    DoctorView,
+    SetupInvitation,
+    UpdateUser,
+    UserView,
+)
 from phivault.auth.tokens import AccessClaims
+from phivault.ops.mail import outbox_for
 from phivault.web.dependencies import RuntimeDep, SessionDep
 from phivault.web.errors import responses
 from phivault.web.pagination import PageDep
@@ -26,15 +34,61 @@ NO_CONTENT: dict[str, Any] = {"status_code": status.HTTP_204_NO_CONTENT,
 
 @users.post("", status_code=201, responses=responses(401, 403, 409, 422),
             summary="Create a staff account")
-async def create_staff(body: CreateStaff, _: Admin, runtime: RuntimeDep,
+async def create_staff(body: CreateStaff, claims: Admin, runtime: RuntimeDep,
                        session: SessionDep) -> CreatedStaff:
-    """A doctor, admin or auditor. The answer's one-time `setup_token` (valid 72 hours) goes to
-    the new staff member, who sets their own password at `POST /auth/setup`."""
-    created = await runtime.accounts.create_staff(session, body)
-    assert created.setup_token is not None and created.user.setup_expires_at is not None  # noqa: S101
+    """A doctor, admin or auditor. With staff approval off (the dev default), the answer's
+    one-time `setup_token` (valid 72 hours) goes to the new staff member, who sets their own
+    password at `POST /auth/setup`. With it on (the prod default), the account is `pending`,
+    `setup_token` and `setup_expires_at` are null, and another admin must approve it
+    (`POST /users/{id}/approve`): its creator never sees its setup secret."""
+    created = await runtime.accounts.create_staff(
+        session, body, creator=claims.user_id,
+        approval=runtime.settings.staff_approval_required)
     return CreatedStaff(id=created.user.id, email=created.email, role=created.user.role,
                         setup_token=created.setup_token,
                         setup_expires_at=created.user.setup_expires_at)
+
+
+@users.post("/{user_id}/approve", response_model=SetupInvitation,
+            responses={204: {"description": "Approved; the setup token was mailed to the new "
+                                            "staff member."},
+                       **responses(401, 403, 404, 409, 422)},
+            summary="Approve a pending staff account")
+async def approve_staff(user_id: uuid.UUID, claims: Admin, runtime: RuntimeDep,
+                        session: SessionDep, tasks: BackgroundTasks) -> Response | SetupInvitation:
+    """A second admin, never the account's creator (403 `forbidden`), makes a `pending` staff
+    account `active` (409 `conflict` when it is not pending) and issues its one-time setup
+    token, valid 72 hours. With mail configured (`PHIVAULT_SMTP_URL`) the token is mailed to
+    the account's address once the approval has committed, and the answer is 204. Without
+    mail the answer is 200 `{setup_token, setup_expires_at}`: the approving admin hands the
+    token to the new staff member (check that the address is theirs before approving)."""
+    handed = await runtime.accounts.approve_staff(session, claims.user_id, user_id,
+                                                  outbox_for(runtime, tasks))
+    if handed is None:
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return handed
+
+
+@users.post("/{user_id}/invitation", response_model=SetupInvitation,
+            responses={204: {"description": "A new setup token was mailed to the staff "
+                                            "member."},
+                       **responses(401, 403, 404, 409, 422)},
+            summary="Renew a staff member's invitation")
+async def renew_invitation(user_id: uuid.UUID, claims: Admin, runtime: RuntimeDep,
+                           session: SessionDep,
+                           tasks: BackgroundTasks) -> Response | SetupInvitation:
+    """A new one-time setup token (valid 72 hours; the previous one dies) for an active staff
+    account whose owner has not chosen a password yet: an invitation that could not be
+    mailed, was lost, or ran out. 409 `conflict` for any other account (pending: approve it;
+    a password set: the account is someone's). With staff approval on, the account's creator
+    may not renew it (403 `forbidden`). Answered like the approval: 204 and mail, or 200
+    `{setup_token, setup_expires_at}` when no mail is configured."""
+    handed = await runtime.accounts.renew_invitation(
+        session, claims.user_id, user_id, outbox_for(runtime, tasks),
+        approval=runtime.settings.staff_approval_required)
+    if handed is None:
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return handed
 
 
 @users.get("", responses=responses(401, 403, 422), summary="List users")

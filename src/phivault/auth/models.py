@@ -15,7 +15,9 @@ BIGINT = BigInteger().with_variant(Integer, "sqlite")
 
 class User(Base):
     """An account. The email (PHI) is sealed under the row's data key; `email_index` is its
-    blind index, unique while the account has an email (erasure clears both)."""
+    blind index, unique while the account has an email (erasure clears both). `status` is
+    `active`, `pending` (a staff account waiting for a second admin, SPEC §6), `disabled` or
+    `deleted`."""
 
     __tablename__ = "users"
 
@@ -34,6 +36,9 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     password_changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The admin who created a staff account through the API (None: the CLI, a registration or
+    # an import). With staff approval on, that admin may never approve it (SPEC §6).
+    created_by: Mapped[uuid.UUID | None] = mapped_column(Uuid())
 
 
 class StaffProfile(Base):

@@ -1,7 +1,8 @@
-"""Brute-force limits with the `limits` library: per client IP on every auth route, and per
-account on failed logins (the lock-out). In memory by default; in Redis when
-`PHIVAULT_REDIS_URL` is set, so the limits hold across workers and hosts. The same storage
-bounds the audit events of refused requests (`refusals`, audit/flood.py)."""
+"""Brute-force limits with the `limits` library: per client source on every auth route (an IPv4
+address, or the IPv6 /64 that one subscriber gets), and per account on failed logins (the
+lock-out). In memory by default; in Redis when `PHIVAULT_REDIS_URL` is set, so the limits hold
+across workers and hosts. The same storage bounds the audit events of refused requests
+(`refusals`, audit/flood.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
-from phivault.audit.flood import RefusalBound
+from phivault.audit.flood import RefusalBound, client_network
 from phivault.errors import AccountLockedOut, RateLimited
 
 
@@ -37,8 +38,13 @@ class AuthLimits:
         self._counter = RateLimitItemPerSecond(10**9, lockout.get_expiry())
 
     async def hit_ip(self, ip: str | None) -> None:
-        """Count one auth request from `ip`; 429 once the limit is passed."""
-        key = ip or "unknown"
+        """Count one auth request from `ip`'s source; 429 once the limit is passed.
+
+        The source is the one the refusal-event bound names (`client_network`): an IPv4
+        address (an IPv4-mapped IPv6 address counts as its IPv4 address), or an IPv6 address's
+        /64. A subscriber gets a whole /64 and may use any address in it, so counting single
+        IPv6 addresses would let one client rotate past the limit 2**64 times over."""
+        key = client_network(ip)
         if not await self._limiter.hit(self.ip_limit, "auth-ip", key):
             raise RateLimited(await self._retry_after(self.ip_limit, "auth-ip", key))
 

@@ -8,18 +8,19 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, StringConstraints
 
-from phivault.schemas import Email, IsoDate, Name, Password, RequestModel
+from phivault.schemas import SINGLE_LINE, BirthDate, Email, Name, Password, RequestModel
 
 Sex = Literal["female", "male", "other", "unknown"]
 StaffRole = Literal["doctor", "admin", "auditor"]
 Phone = Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=40,
                                          pattern=r"^[0-9+().\- ]+$")]
-Address = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+Address = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500),
+                    SINGLE_LINE]
 OpaqueToken = Annotated[str, StringConstraints(min_length=16, max_length=128,
                                                pattern=r"^[A-Za-z0-9_-]+$")]
 TotpCode = Annotated[str, StringConstraints(min_length=6, max_length=6, pattern=r"^[0-9]{6}$")]
 Specialty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
-                                             max_length=100)]
+                                             max_length=100), SINGLE_LINE]
 
 
 class ConsentChoices(RequestModel):
@@ -32,7 +33,7 @@ class RegisterRequest(RequestModel):
     email: Email
     password: Password
     full_name: Name
-    birth_date: IsoDate | None = None
+    birth_date: BirthDate | None = None
     sex: Sex | None = None
     phone: Phone | None = None
     address: Address | None = None
@@ -112,6 +113,23 @@ class Me(BaseModel):
     address: str | None = None
 
 
+class ProfileRectification(RequestModel):
+    """`PATCH /me` (SPEC §9, GDPR article 16): any of these fields; at least one. `phone`,
+    `address` and `birth_date` may be sent as null to remove them; the name may not."""
+
+    full_name: Name | None = None
+    phone: Phone | None = None
+    address: Address | None = None
+    birth_date: BirthDate | None = None
+
+
+class ErasureRequest(RequestModel):
+    """`DELETE /me`: the current password again, so that a stolen access token alone cannot
+    erase an account."""
+
+    password: Password
+
+
 class CreateStaff(RequestModel):
     email: Email
     full_name: Name
@@ -120,9 +138,20 @@ class CreateStaff(RequestModel):
 
 
 class CreatedStaff(BaseModel):
+    """`setup_token` and `setup_expires_at` are null when staff approval is on (SPEC §6): the
+    account is `pending`, and its setup token is made only when a second admin approves it."""
+
     id: uuid.UUID
     email: str
     role: str
+    setup_token: str | None
+    setup_expires_at: datetime | None
+
+
+class SetupInvitation(BaseModel):
+    """A staff account's one-time setup token, handed to the admin who approved the account
+    when no mail is configured, for them to give to its owner (never to its creator)."""
+
     setup_token: str
     setup_expires_at: datetime
 

@@ -3,7 +3,8 @@
 Framework-free: every function takes the request's session and raises domain errors. A login
 starts a session (a refresh-token family) that ends `refresh_token_ttl` after the login whatever
 the rotations; access tokens carry its id as `sid`, and `check_session` refuses them the moment
-the session is revoked or the user is no longer active.
+the session is revoked or the user is no longer active (on other workers and hosts within a
+second: `session_cache.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from phivault.auth import mfa
 from phivault.auth.models import AuthSession, RefreshToken, User
 from phivault.auth.passwords import Passwords, password_problem
 from phivault.auth.ratelimits import AuthLimits
+from phivault.auth.session_cache import SessionCache, session_cache_of
 from phivault.auth.tokens import AccessClaims, AccessTokens
 from phivault.crypto.blind_index import BlindIndex, normalise_email
 from phivault.crypto.envelope import Envelope
@@ -86,7 +88,7 @@ class Authenticator:
 
     def __init__(self, *, envelope: Envelope, blind_index: BlindIndex, passwords: Passwords,
                  limits: AuthLimits, tokens: AccessTokens, refresh_ttl: int,
-                 mfa_roles: frozenset[str]) -> None:
+                 mfa_roles: frozenset[str], session_cache: SessionCache | None = None) -> None:
         self.envelope = envelope
         self.blind_index = blind_index
         self.passwords = passwords
@@ -94,6 +96,7 @@ class Authenticator:
         self.tokens = tokens
         self.refresh_ttl = refresh_ttl
         self.mfa_roles = mfa_roles
+        self.session_cache = session_cache or SessionCache(0)
 
     # Login.
 
@@ -124,6 +127,10 @@ class Authenticator:
             step = mfa.matching_step(secret, totp_code, after_step=user.totp_last_step)
             if step is None or not await _claim_totp_step(session, user.id, step):
                 self._failed(session, user, "bad_totp")
+        # The password was read before the (slow) hash: an erasure or a disabling that
+        # committed meanwhile must win, so the row is locked and read again now.
+        if not await lock_active_user(session, user.id):
+            self._failed(session, user, "inactive")
         await self.limits.attempt_succeeded(account)
         if stored is not None and self.passwords.needs_rehash(stored):
             user.password_hash = await self.passwords.hash(password)
@@ -235,12 +242,21 @@ class Authenticator:
     async def check_session(self, session: AsyncSession, claims: AccessClaims,
                             *, allow_enrollment: bool = False) -> None:
         """Refuse a token whose session was revoked or ended, whose user is no longer active
-        or has another role now, or whose scope does not fit the route."""
-        row = (await session.execute(_SESSION_STATE, {
-            "session_id": claims.session_id, "user_id": claims.user_id})).one_or_none()
-        if row is None:
-            raise InvalidToken()
-        kind, revoked_at, expires_at, status, role = row
+        or has another role now, or whose scope does not fit the route.
+
+        The database's answer is kept for at most a second (`session_cache.py`), which a
+        revocation here or on any other worker evicts."""
+        cache = self.session_cache
+        state = cache.get(claims.session_id, claims.user_id)
+        if state is None:
+            ticket = cache.ticket()
+            row = (await session.execute(_SESSION_STATE, {
+                "session_id": claims.session_id, "user_id": claims.user_id})).one_or_none()
+            if row is None:
+                raise InvalidToken()
+            state = tuple(row)
+            cache.put(ticket, claims.session_id, claims.user_id, state)
+        kind, revoked_at, expires_at, status, role = state
         scope_ok = (claims.scope is None and kind == LOGIN) or (
             allow_enrollment and claims.scope == MFA_ENROLLMENT and kind == MFA_ENROLLMENT)
         if (revoked_at is not None or utcnow() >= expires_at or status != "active"
@@ -330,6 +346,18 @@ class Authenticator:
         await revoke_sessions(session, AuthSession.user_id == user.id)
         audit.record(session, Action.MFA_ENABLED, resource_type="user", resource_id=user.id)
 
+    async def confirm_password(self, session: AsyncSession, user_id: uuid.UUID,
+                               password: str, *, reason: str) -> None:
+        """The caller's current password again before an irreversible act (erasure), under
+        the login lock-out; a wrong one writes `ACCESS_DENIED` and answers
+        `invalid_credentials`."""
+        user = await self._user(session, user_id)
+        if not await self._recheck_password(user, password):
+            audit.record(session, Action.ACCESS_DENIED, outcome=Outcome.DENIED,
+                         resource_type="user", resource_id=user.id,
+                         metadata={"reason": reason})
+            raise InvalidCredentials()
+
     async def _recheck_password(self, user: User, password: str) -> bool:
         """The current password again (password change, TOTP set-up), under the same lock-out
         as logins: a stolen access token is no password-guessing oracle."""
@@ -357,16 +385,42 @@ async def _claim_totp_step(session: AsyncSession, user_id: uuid.UUID, step: int)
     return int(result.rowcount) == 1  # type: ignore[attr-defined]
 
 
+async def lock_active_user(session: AsyncSession, user_id: uuid.UUID) -> bool:
+    """Share-lock the user's row and answer whether the account is still active.
+
+    Erasure and disabling lock the row for update, so a write made in an account's name (a
+    login's session, a consent change, a booking, a rectification) either commits before them or
+    sees the account gone: its request checked the account at its start, which is not enough
+    (an outside review made erased accounts' consents and bookings come back that way). SQLite
+    needs no lock: every writing transaction there begins IMMEDIATE, one at a time."""
+    status = (await session.execute(select(User.status).where(User.id == user_id)
+                                    .with_for_update(read=True))).scalar_one_or_none()
+    return status == "active"
+
+
+async def require_active_user(session: AsyncSession, user_id: uuid.UUID) -> None:
+    """`lock_active_user`, or `InvalidToken`: the caller's account has just gone."""
+    if not await lock_active_user(session, user_id):
+        raise InvalidToken()
+
+
 async def revoke_sessions(session: AsyncSession, *where: object) -> int:
     """Revoke the live sessions matching `where` (and so every token of their families);
-    returns how many."""
+    returns how many.
+
+    Every revocation goes through here (a disabled, re-roled or erased account too: its
+    status changes in the same transaction), so this is where the session-check caches learn
+    of it: in this process at once, on every worker once the transaction commits."""
     now = utcnow()
-    result = await session.execute(
+    revoked_users = (await session.execute(
         update(AuthSession).where(*where, AuthSession.revoked_at.is_(None))  # type: ignore[arg-type]
-        .values(revoked_at=now).execution_options(synchronize_session=False))
-    count = int(result.rowcount)  # type: ignore[attr-defined]
-    return count
+        .values(revoked_at=now).returning(AuthSession.user_id)
+        .execution_options(synchronize_session=False))).scalars().all()
+    cache = session_cache_of(session)
+    if cache is not None and revoked_users:
+        cache.revoked(session, revoked_users)
+    return len(revoked_users)
 
 
-__all__ = ["Authenticator", "IssuedTokens", "email_lookup", "new_opaque_token",
-           "revoke_sessions", "token_digest"]
+__all__ = ["Authenticator", "IssuedTokens", "email_lookup", "lock_active_user",
+           "new_opaque_token", "require_active_user", "revoke_sessions", "token_digest"]

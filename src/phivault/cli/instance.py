@@ -12,7 +12,6 @@ from typing import Annotated, Any
 
 import typer
 import uvicorn
-from uvicorn.supervisors.multiprocess import Multiprocess
 
 from phivault.cli.common import err, fail, run_with_runtime, settings_or_exit
 from phivault.config import DEV_TLS_CERT, DEV_TLS_KEY, ConfigError, Settings
@@ -22,6 +21,8 @@ from phivault.db import migrate as migrations
 from phivault.observability import configure_logging
 from phivault.runtime import Runtime
 from phivault.web.protocol import DeadlineH11Protocol
+from phivault.web.server import DRAIN_TIMEOUT, PhivaultServer
+from phivault.web.supervisor import Supervisor, WorkerOptions
 
 VAR = Path("var")
 DEV_ENV_FILE = VAR / "phivault.env"
@@ -123,6 +124,10 @@ def serve(
 ) -> None:
     """Serve the API over HTTPS (TLS 1.3 only) until SIGTERM, then drain and exit 0.
 
+    SIGTERM or Ctrl-C drains: no new connections, idle ones closed at once, requests in flight
+    given up to 30 s. A second Ctrl-C exits at once (status 130). With --workers N, a
+    supervisor keeps N worker processes serving and replaces any that dies.
+
     With PHIVAULT_BEHIND_PROXY=true it serves plain HTTP on loopback only, for the reverse
     proxy of deploy/nginx.conf.
     """
@@ -145,20 +150,23 @@ def serve(
         "phivault.web.app:app_from_environment", factory=True, host=host, port=port,
         workers=workers, proxy_headers=False, server_header=False, date_header=True,
         access_log=False, log_config=None, timeout_keep_alive=5, http=DeadlineH11Protocol,
-        timeout_graceful_shutdown=30, limit_concurrency=2048, backlog=2048,
-        h11_max_incomplete_event_size=16 * 1024, **options,
+        ws="none", timeout_graceful_shutdown=DRAIN_TIMEOUT, limit_concurrency=2048,
+        backlog=2048, h11_max_incomplete_event_size=16 * 1024, **options,
     )
     shown = f"[{host}]" if ":" in host else host
     err.print(f"phivault serving {scheme}://{shown}:{port}  (API docs: /docs; "
               "stop with Ctrl-C or SIGTERM)", markup=False)
-    # uvicorn drains, restores the previous handlers and re-raises the signal it caught; this
-    # handler turns that SIGTERM into the clean exit 0 that process supervisors expect.
+    # The server and the supervisor take SIGTERM over once they run; one that comes before
+    # finds nothing in flight.
     signal.signal(signal.SIGTERM, _drained)
     if workers > 1:
-        sock = config.bind_socket()
-        Multiprocess(config, sockets=[sock]).run()
+        worker_options = WorkerOptions(tls_handshake_timeout=settings.tls_handshake_timeout,
+                                       log_level=settings.log_level)
+        status = Supervisor(config, [config.bind_socket()], workers, worker_options).run()
+        if status:
+            raise typer.Exit(status)
     else:
-        uvicorn.Server(config).run()
+        PhivaultServer(config, tls_handshake_timeout=settings.tls_handshake_timeout).run()
 
 
 def _drained(_signum: int, _frame: object) -> None:

@@ -1,18 +1,20 @@
-"""Clinical routes: consultations, the doctor's patients, records, prescriptions, attachments,
-payments, break-glass and notifications. Each declares who may call it; the chart gate
-(`access/care.py`) decides per patient."""
+"""Clinical routes: consultations, the patient's care team, the doctor's patients, records,
+prescriptions, attachments, payments, break-glass and notifications. Each declares who may call
+it; the chart gate (`access/care.py`) decides per patient."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
+from phivault.access import care_team
 from phivault.access.break_glass import break_glass
 from phivault.access.guards import ANY_ROLE, Allow
 from phivault.access.permissions import Role
+from phivault.access.schemas import CareTeamMember
 from phivault.auth.tokens import AccessClaims
 from phivault.clinical import attachments, consultations, notifications, records
 from phivault.clinical.schemas import (
@@ -34,6 +36,7 @@ from phivault.clinical.schemas import (
     RecordView,
 )
 from phivault.errors import InvalidRequest
+from phivault.ops.mail import outbox_for
 from phivault.web.dependencies import RuntimeDep, SessionDep
 from phivault.web.errors import responses
 from phivault.web.pagination import PageDep
@@ -61,7 +64,8 @@ async def create_consultation(body: PatientBooking | DoctorProposal, claims: Par
     expected = PatientBooking if claims.role == Role.PATIENT else DoctorProposal
     if not isinstance(body, expected):
         raise InvalidRequest("Patients send doctor_id; doctors send patient_id.")
-    return await consultations.create(session, runtime.envelope, claims, body)
+    return await consultations.create(session, runtime.envelope, claims, body,
+                                      care_days=runtime.settings.care_relationship_days)
 
 
 @router.get("/consultations", responses=responses(401, 403, 422), summary="My consultations")
@@ -79,7 +83,8 @@ async def update_consultation(consultation_id: uuid.UUID, body: ConsultationUpda
                               claims: Party, runtime: RuntimeDep,
                               session: SessionDep) -> ConsultationView:
     """Parties only. `notes`: the doctor. `proposed` → `scheduled`: the patient (accepting).
-    `scheduled` → `completed`: the doctor. Either may cancel or reschedule an open one."""
+    `scheduled` → `completed`: the doctor, once its scheduled time has passed (409 `conflict`
+    before). Either may cancel an open one, or move it to a time still to come (422 otherwise)."""
     return await consultations.update(session, runtime.envelope, claims, consultation_id, body)
 
 
@@ -110,12 +115,41 @@ async def my_notifications(claims: Anyone, runtime: RuntimeDep, session: Session
     return views
 
 
+@router.get("/me/care-team", responses=responses(401, 403, 422), summary="My care team")
+async def my_care_team(claims: Patient, runtime: RuntimeDep, session: SessionDep,
+                       page: PageDep, response: Response) -> list[CareTeamMember]:
+    """The doctors with a care relationship with me now, by name: a consultation `scheduled`
+    (`basis: scheduled`, `until: null`), or one `completed` within the last
+    `PHIVAULT_CARE_RELATIONSHIP_DAYS` (`basis: completed`, `until`: when it lapses). `since`:
+    when today's unbroken relationship began. Each may read my chart while my consent has
+    `data_sharing`; `DELETE /me/care-team/{doctor_id}` ends one's access at once."""
+    members, total = await care_team.care_team(
+        session, claims.user_id, page.limit, page.offset,
+        care_days=runtime.settings.care_relationship_days)
+    page.answer(response, total)
+    return members
+
+
+@router.delete("/me/care-team/{doctor_id}", status_code=204,
+               responses=responses(401, 403, 404, 422), summary="End a doctor's access")
+async def end_care_relationship(doctor_id: uuid.UUID, claims: Patient, runtime: RuntimeDep,
+                                session: SessionDep) -> Response:
+    """Ends that doctor's care relationship with me at once: their consultations with me so
+    far (completed ones too) grant nothing any more, and the open ones are cancelled. Only a
+    new consultation I book, or a proposal of theirs I accept, restores it. 404 `not_found`
+    when that doctor has no care relationship with me."""
+    await care_team.end_care(session, claims.user_id, doctor_id,
+                             care_days=runtime.settings.care_relationship_days)
+    return Response(status_code=204)
+
+
 @router.get("/patients", responses=responses(401, 403, 422), summary="My patients")
 async def my_patients(claims: Doctor, runtime: RuntimeDep, session: SessionDep, page: PageDep,
                       response: Response) -> list[PatientListItem]:
-    """The patients with whom the calling doctor has a care relationship."""
-    items, total = await consultations.patients_of(session, runtime.envelope, claims.user_id,
-                                                   page.limit, page.offset)
+    """The patients with whom the calling doctor has a care relationship now."""
+    items, total = await consultations.patients_of(
+        session, runtime.envelope, claims.user_id, page.limit, page.offset,
+        care_days=runtime.settings.care_relationship_days)
     page.answer(response, total)
     return items
 
@@ -126,7 +160,8 @@ async def my_patients(claims: Doctor, runtime: RuntimeDep, session: SessionDep, 
              summary="Write a medical record")
 async def create_record(patient_id: uuid.UUID, body: RecordCreate, claims: Doctor,
                         runtime: RuntimeDep, session: SessionDep) -> RecordView:
-    return await records.create_record(session, runtime.envelope, claims, patient_id, body)
+    return await records.create_record(session, runtime.envelope, claims, patient_id, body,
+                                       care_days=runtime.settings.care_relationship_days)
 
 
 @router.get("/patients/{patient_id}/records", responses=CHART,
@@ -134,8 +169,9 @@ async def create_record(patient_id: uuid.UUID, body: RecordCreate, claims: Docto
 async def list_records(patient_id: uuid.UUID, claims: Party, runtime: RuntimeDep,
                        session: SessionDep, page: PageDep,
                        response: Response) -> list[RecordView]:
-    views, total = await records.list_records(session, runtime.envelope, claims, patient_id,
-                                              page.limit, page.offset)
+    views, total = await records.list_records(
+        session, runtime.envelope, claims, patient_id, page.limit, page.offset,
+        care_days=runtime.settings.care_relationship_days)
     page.answer(response, total)
     return views
 
@@ -143,20 +179,23 @@ async def list_records(patient_id: uuid.UUID, claims: Party, runtime: RuntimeDep
 @router.get("/records/{record_id}", responses=CHART, summary="A record (latest version)")
 async def read_record(record_id: uuid.UUID, claims: Party, runtime: RuntimeDep,
                       session: SessionDep) -> RecordView:
-    return await records.read_record(session, runtime.envelope, claims, record_id)
+    return await records.read_record(session, runtime.envelope, claims, record_id,
+                                     care_days=runtime.settings.care_relationship_days)
 
 
 @router.patch("/records/{record_id}", responses=CHART, summary="Amend a record (new version)")
 async def amend_record(record_id: uuid.UUID, body: RecordAmend, claims: Doctor,
                        runtime: RuntimeDep, session: SessionDep) -> RecordView:
     """Adds a version; fields not sent carry over. No version is ever overwritten."""
-    return await records.amend(session, runtime.envelope, claims, record_id, body)
+    return await records.amend(session, runtime.envelope, claims, record_id, body,
+                               care_days=runtime.settings.care_relationship_days)
 
 
 @router.get("/records/{record_id}/versions", responses=CHART, summary="Every version")
 async def record_versions(record_id: uuid.UUID, claims: Party, runtime: RuntimeDep,
                           session: SessionDep) -> list[RecordView]:
-    return await records.versions(session, runtime.envelope, claims, record_id)
+    return await records.versions(session, runtime.envelope, claims, record_id,
+                                  care_days=runtime.settings.care_relationship_days)
 
 
 # Prescriptions.
@@ -165,7 +204,8 @@ async def record_versions(record_id: uuid.UUID, claims: Party, runtime: RuntimeD
              summary="Prescribe")
 async def prescribe(patient_id: uuid.UUID, body: PrescriptionCreate, claims: Doctor,
                     runtime: RuntimeDep, session: SessionDep) -> PrescriptionView:
-    return await records.prescribe(session, runtime.envelope, claims, patient_id, body)
+    return await records.prescribe(session, runtime.envelope, claims, patient_id, body,
+                                   care_days=runtime.settings.care_relationship_days)
 
 
 @router.get("/patients/{patient_id}/prescriptions", responses=CHART,
@@ -173,8 +213,9 @@ async def prescribe(patient_id: uuid.UUID, body: PrescriptionCreate, claims: Doc
 async def list_prescriptions(patient_id: uuid.UUID, claims: Party, runtime: RuntimeDep,
                              session: SessionDep, page: PageDep,
                              response: Response) -> list[PrescriptionView]:
-    views, total = await records.list_prescriptions(session, runtime.envelope, claims,
-                                                    patient_id, page.limit, page.offset)
+    views, total = await records.list_prescriptions(
+        session, runtime.envelope, claims, patient_id, page.limit, page.offset,
+        care_days=runtime.settings.care_relationship_days)
     page.answer(response, total)
     return views
 
@@ -195,7 +236,8 @@ async def upload_attachment(patient_id: uuid.UUID, request: Request, claims: Par
     """Multipart, one part named `file`, at most 25 MiB; its type is decided by its content
     (and must match the part's declared type). Encrypted as it streams in."""
     return await attachments.upload(session, runtime.envelope, claims, patient_id,
-                                    request.headers.get("content-type"), request.stream())
+                                    request.headers.get("content-type"), request.stream(),
+                                    care_days=runtime.settings.care_relationship_days)
 
 
 @router.get("/patients/{patient_id}/attachments", responses=CHART,
@@ -203,8 +245,9 @@ async def upload_attachment(patient_id: uuid.UUID, request: Request, claims: Par
 async def list_attachments(patient_id: uuid.UUID, claims: Party, runtime: RuntimeDep,
                            session: SessionDep, page: PageDep,
                            response: Response) -> list[AttachmentView]:
-    views, total = await attachments.list_attachments(session, runtime.envelope, claims,
-                                                      patient_id, page.limit, page.offset)
+    views, total = await attachments.list_attachments(
+        session, runtime.envelope, claims, patient_id, page.limit, page.offset,
+        care_days=runtime.settings.care_relationship_days)
     page.answer(response, total)
     return views
 
@@ -216,7 +259,8 @@ async def list_attachments(patient_id: uuid.UUID, claims: Party, runtime: Runtim
 async def download_attachment(attachment_id: uuid.UUID, claims: Party, runtime: RuntimeDep,
                               session: SessionDep) -> StreamingResponse:
     found = await attachments.download(session, runtime.sessions, runtime.envelope, claims,
-                                       attachment_id)
+                                       attachment_id,
+                                       care_days=runtime.settings.care_relationship_days)
     return StreamingResponse(found.body, media_type=found.view.content_type, headers={
         "Content-Length": str(found.view.size),
         "Content-Disposition": "attachment",
@@ -228,11 +272,13 @@ async def download_attachment(attachment_id: uuid.UUID, claims: Party, runtime: 
 @router.post("/patients/{patient_id}/break-glass", status_code=201,
              responses=responses(401, 403, 404, 422), summary="Emergency access")
 async def emergency_access(patient_id: uuid.UUID, body: BreakGlassRequest, claims: Doctor,
-                           runtime: RuntimeDep, session: SessionDep) -> BreakGlassAnswer:
+                           runtime: RuntimeDep, session: SessionDep,
+                           tasks: BackgroundTasks) -> BreakGlassAnswer:
     """Read access to the patient's chart for 60 minutes, whatever the relationship or
-    consent. The reason (20+ characters) is audited; the patient is notified."""
+    consent. The reason (20+ characters) is audited; the patient is notified (in the app, and
+    by mail when `PHIVAULT_SMTP_URL` is set: when, never why)."""
     grant = await break_glass(session, runtime.envelope,
                               runtime.reason_mac, claims, patient_id,
-                              body.reason)
+                              body.reason, outbox=outbox_for(runtime, tasks))
     return BreakGlassAnswer(expires_at=grant.expires_at)
 

@@ -174,10 +174,10 @@ def boundary_of(content_type: str | None) -> bytes:
 
 async def upload(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
                  patient_id: uuid.UUID, content_type: str | None,
-                 body: AsyncIterator[bytes]) -> AttachmentView:
+                 body: AsyncIterator[bytes], *, care_days: int) -> AttachmentView:
     """Store one attachment from a streamed multipart body (see the module docstring)."""
     basis = await require_chart_access(session, claims, patient_id, write=True,
-                                       resource_type="attachment")
+                                       resource_type="attachment", care_days=care_days)
     boundary = boundary_of(content_type)
     row_id = uuid.uuid4()
     cipher = new_row_cipher(session, envelope, TABLE, row_id)
@@ -221,10 +221,10 @@ async def _view(session: AsyncSession, envelope: Envelope, row: Attachment) -> A
 
 
 async def list_attachments(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
-                           patient_id: uuid.UUID, limit: int,
-                           offset: int) -> tuple[list[AttachmentView], int]:
+                           patient_id: uuid.UUID, limit: int, offset: int, *,
+                           care_days: int) -> tuple[list[AttachmentView], int]:
     basis = await require_chart_access(session, claims, patient_id, write=False,
-                                       resource_type="attachment")
+                                       resource_type="attachment", care_days=care_days)
     rows, total = await fetch_page(session, select(Attachment).where(
         Attachment.patient_id == patient_id, Attachment.complete.is_(True))
         .order_by(Attachment.created_at.desc(), Attachment.id), limit, offset)
@@ -243,13 +243,13 @@ class Download:
 
 
 async def download(session: AsyncSession, sessions: async_sessionmaker[AsyncSession],
-                   envelope: Envelope, claims: AccessClaims,
-                   attachment_id: uuid.UUID) -> Download:
+                   envelope: Envelope, claims: AccessClaims, attachment_id: uuid.UUID, *,
+                   care_days: int) -> Download:
     row = await session.get(Attachment, attachment_id)
     if row is None or not row.complete:
         raise deny(session, NotFound(), None, "attachment", "no_such_attachment")
     basis = await require_chart_access(session, claims, row.patient_id, write=False,
-                                       resource_type="attachment")
+                                       resource_type="attachment", care_days=care_days)
     view = await _view(session, envelope, row)
     cipher = await row_cipher(session, envelope, TABLE, row.id, row.data_key_id)
     # Authenticate every segment before sending a byte (an IntegrityError here is a clean 500).

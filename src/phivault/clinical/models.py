@@ -180,3 +180,19 @@ class BreakGlassGrant(Base):
 
 Index("ix_break_glass_active", BreakGlassGrant.doctor_id, BreakGlassGrant.patient_id,
       BreakGlassGrant.expires_at)
+
+
+class CareEnding(Base):
+    """A patient ended a doctor's care relationship (SPEC §7): from then on, no consultation
+    between them made up to `ended_at` grants anything; only a newer one does. Append-only:
+    each end is a row of its own (the runtime role may not change or delete one)."""
+
+    __tablename__ = "care_endings"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid(), primary_key=True)
+    patient_id: Mapped[uuid.UUID] = mapped_column(Uuid(), ForeignKey("users.id"))
+    doctor_id: Mapped[uuid.UUID] = mapped_column(Uuid(), ForeignKey("users.id"))
+    ended_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+Index("ix_care_endings_pair", CareEnding.patient_id, CareEnding.doctor_id, CareEnding.ended_at)

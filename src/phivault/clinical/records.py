@@ -9,10 +9,17 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, bindparam, func, select
+from sqlalchemy import Row, bindparam, exists, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from phivault.access.care import Basis, deny, require_chart_access
+from phivault.access.care import (
+    Basis,
+    chart_facts,
+    chart_parameters,
+    deny,
+    require_chart_access,
+)
+from phivault.access.permissions import Role
 from phivault.audit import service as audit
 from phivault.audit.actions import Action
 from phivault.auth.tokens import AccessClaims
@@ -27,7 +34,7 @@ from phivault.clinical.schemas import (
 from phivault.crypto.envelope import Envelope
 from phivault.db.base import core_table, utcnow
 from phivault.db.paging import fetch_page
-from phivault.errors import InvalidRequest, NotFound
+from phivault.errors import InvalidRequest, NoCareRelationship, NotFound
 from phivault.keys.models import DataKeyRow
 from phivault.keys.service import RowCipher, cipher_from_wrapped, new_row_cipher, row_cipher
 
@@ -77,9 +84,10 @@ def _open_latest(envelope: Envelope, row: Row[*tuple[Any, ...]]) -> RecordView:
 
 
 async def create_record(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
-                        patient_id: uuid.UUID, body: RecordCreate) -> RecordView:
+                        patient_id: uuid.UUID, body: RecordCreate, *,
+                        care_days: int) -> RecordView:
     basis = await require_chart_access(session, claims, patient_id, write=True,
-                                       resource_type="medical_record")
+                                       resource_type="medical_record", care_days=care_days)
     now = utcnow()
     record = MedicalRecord(id=uuid.uuid4(), patient_id=patient_id, author_id=claims.user_id,
                            latest_version=1, created_at=now, updated_at=now)
@@ -100,6 +108,7 @@ _RECORDS, _VERSIONS, _DATA_KEYS = (
     core_table(MedicalRecord), core_table(MedicalRecordVersion), core_table(DataKeyRow))
 _LATEST = (
     select(_RECORDS.c.id.label("record_id"), _RECORDS.c.patient_id,
+           _RECORDS.c.author_id.label("record_author_id"),
            _RECORDS.c.created_at.label("record_created_at"), _VERSIONS.c.id,
            _VERSIONS.c.version, _VERSIONS.c.author_id, _VERSIONS.c.data_key_id,
            _VERSIONS.c.diagnosis, _VERSIONS.c.prescriptions, _VERSIONS.c.notes,
@@ -109,6 +118,28 @@ _LATEST = (
                  .outerjoin(_DATA_KEYS, _DATA_KEYS.c.id == _VERSIONS.c.data_key_id))
 )
 _LATEST_BY_ID = _LATEST.where(_RECORDS.c.id == bindparam("record_id"))
+# For a doctor, the chart decision's facts about the record's patient come in the same round
+# trip (`care.chart_facts`): a record read is one statement before its audit event.
+_LATEST_BY_ID_WITH_CHART = _LATEST_BY_ID.add_columns(*chart_facts(_RECORDS.c.patient_id))
+
+
+def _written_by(doctor_id: uuid.UUID) -> Any:
+    """Records the doctor created. What a doctor keeps of an erased patient (`Basis.AUTHOR`),
+    and of each only the versions they wrote: SPEC §9's "the records they wrote themselves, and
+    nothing else" (an outside review showed that counting any version let a one-character
+    amendment buy another doctor's notes)."""
+    return MedicalRecord.author_id == doctor_id
+
+
+async def _require_written(session: AsyncSession, claims: AccessClaims, basis: Basis,
+                           record_id: uuid.UUID, patient_id: uuid.UUID) -> None:
+    """Under `Basis.AUTHOR`, refuse a record the caller did not create."""
+    if basis is not Basis.AUTHOR:
+        return
+    wrote = (await session.execute(select(exists().where(
+        MedicalRecord.id == record_id, _written_by(claims.user_id))))).scalar()
+    if not wrote:
+        raise deny(session, NoCareRelationship(), patient_id, "medical_record", "erased")
 
 
 async def _latest(session: AsyncSession, record: MedicalRecord) -> MedicalRecordVersion:
@@ -118,28 +149,40 @@ async def _latest(session: AsyncSession, record: MedicalRecord) -> MedicalRecord
 
 
 async def _record_for(session: AsyncSession, claims: AccessClaims, record_id: uuid.UUID,
-                      *, write: bool) -> tuple[MedicalRecord, Basis]:
+                      *, write: bool, care_days: int) -> tuple[MedicalRecord, Basis]:
     record = await session.get(MedicalRecord, record_id, with_for_update=write)
     if record is None:
         # The same answer a patient gets for another patient's record: ids reveal nothing.
         raise deny(session, NotFound(), None, "medical_record", "no_such_record")
     basis = await require_chart_access(session, claims, record.patient_id, write=write,
-                                       resource_type="medical_record")
+                                       resource_type="medical_record", care_days=care_days,
+                                       authored=True)
+    await _require_written(session, claims, basis, record.id, record.patient_id)
     return record, basis
 
 
 async def list_records(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
-                       patient_id: uuid.UUID, limit: int,
-                       offset: int) -> tuple[list[RecordView], int]:
+                       patient_id: uuid.UUID, limit: int, offset: int, *,
+                       care_days: int) -> tuple[list[RecordView], int]:
     """The latest version of each of the patient's records."""
     basis = await require_chart_access(session, claims, patient_id, write=False,
-                                       resource_type="medical_record")
+                                       resource_type="medical_record", care_days=care_days,
+                                       authored=True)
+    where = [MedicalRecord.patient_id == patient_id]
+    if basis is Basis.AUTHOR:
+        where.append(_written_by(claims.user_id))
     total = int((await session.execute(
-        select(func.count()).select_from(MedicalRecord)
-        .where(MedicalRecord.patient_id == patient_id))).scalar_one())
+        select(func.count()).select_from(MedicalRecord).where(*where))).scalar_one())
+    # Under `Basis.AUTHOR`: the records the caller created whose latest version is theirs too
+    # (the others' versions stay theirs: `/versions` gives the caller's own).
+    chosen = (_LATEST.where(_RECORDS.c.id.in_(select(MedicalRecord.id).where(*where)),
+                            _VERSIONS.c.author_id == claims.user_id)
+              if basis is Basis.AUTHOR else _LATEST.where(_RECORDS.c.patient_id == patient_id))
+    if basis is Basis.AUTHOR:
+        total = int((await session.execute(
+            select(func.count()).select_from(chosen.subquery()))).scalar_one())
     rows = (await session.execute(
-        _LATEST.where(_RECORDS.c.patient_id == patient_id)
-        .order_by(_RECORDS.c.created_at.desc(), _RECORDS.c.id).limit(limit).offset(offset)
+        chosen.order_by(_RECORDS.c.created_at.desc(), _RECORDS.c.id).limit(limit).offset(offset)
     )).all()
     views = [_open_latest(envelope, row) for row in rows]
     for view in views:
@@ -150,14 +193,25 @@ async def list_records(session: AsyncSession, envelope: Envelope, claims: Access
 
 
 async def read_record(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
-                      record_id: uuid.UUID) -> RecordView:
-    # The record, its latest version and that version's data key in one round trip; nothing
-    # is opened before the access check.
-    found = (await session.execute(_LATEST_BY_ID, {"record_id": record_id})).one_or_none()
+                      record_id: uuid.UUID, *, care_days: int) -> RecordView:
+    # The record, its latest version, that version's data key and (for a doctor) the chart
+    # decision's facts in one round trip; nothing is opened before the access check.
+    doctor = claims.role == Role.DOCTOR
+    found = (await session.execute(
+        _LATEST_BY_ID_WITH_CHART if doctor else _LATEST_BY_ID,
+        {"record_id": record_id, **(chart_parameters(claims, care_days) if doctor else {})},
+    )).one_or_none()
     if found is None:
         raise deny(session, NotFound(), None, "medical_record", "no_such_record")
-    basis = await require_chart_access(session, claims, found.patient_id, write=False,
-                                       resource_type="medical_record")
+    basis = await require_chart_access(
+        session, claims, found.patient_id, write=False, resource_type="medical_record",
+        care_days=care_days, authored=True,
+        facts=(found.chart_status, found.chart_glass, found.chart_care, found.chart_sharing)
+        if doctor else None)
+    await _require_written(session, claims, basis, found.record_id, found.patient_id)
+    if basis is Basis.AUTHOR and found.author_id != claims.user_id:
+        # The latest version is another doctor's: the caller reads their own through /versions.
+        raise deny(session, NoCareRelationship(), found.patient_id, "medical_record", "erased")
     view = _open_latest(envelope, found)
     audit.record(session, Action.VIEW_MEDICAL_RECORD, resource_type="medical_record",
                  resource_id=view.id, patient_id=view.patient_id,
@@ -166,11 +220,14 @@ async def read_record(session: AsyncSession, envelope: Envelope, claims: AccessC
 
 
 async def versions(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
-                   record_id: uuid.UUID) -> list[RecordView]:
-    record, basis = await _record_for(session, claims, record_id, write=False)
+                   record_id: uuid.UUID, *, care_days: int) -> list[RecordView]:
+    record, basis = await _record_for(session, claims, record_id, write=False,
+                                      care_days=care_days)
+    only = ([MedicalRecordVersion.author_id == claims.user_id] if basis is Basis.AUTHOR
+            else [])  # an erased patient: the versions the caller wrote, nobody else's
     rows = (await session.execute(select(MedicalRecordVersion).where(
-        MedicalRecordVersion.record_id == record.id).order_by(MedicalRecordVersion.version))
-    ).scalars().all()
+        MedicalRecordVersion.record_id == record.id, *only)
+        .order_by(MedicalRecordVersion.version))).scalars().all()
     views = [await _open_version(session, envelope, record, row) for row in rows]
     audit.record(session, Action.VIEW_MEDICAL_RECORD, resource_type="medical_record",
                  resource_id=record.id, patient_id=record.patient_id,
@@ -179,11 +236,12 @@ async def versions(session: AsyncSession, envelope: Envelope, claims: AccessClai
 
 
 async def amend(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
-                record_id: uuid.UUID, body: RecordAmend) -> RecordView:
+                record_id: uuid.UUID, body: RecordAmend, *, care_days: int) -> RecordView:
     """A new version: fields not sent carry over from the latest one."""
     if body.diagnosis is None and body.prescriptions is None and body.notes is None:
         raise InvalidRequest("Send at least one of diagnosis, prescriptions and notes.")
-    record, basis = await _record_for(session, claims, record_id, write=True)
+    record, basis = await _record_for(session, claims, record_id, write=True,
+                                      care_days=care_days)
     latest = await _open_version(session, envelope, record, await _latest(session, record))
     version = record.latest_version + 1
     row = _seal_version(
@@ -212,9 +270,10 @@ async def _open_prescription(session: AsyncSession, envelope: Envelope,
 
 
 async def prescribe(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
-                    patient_id: uuid.UUID, body: PrescriptionCreate) -> PrescriptionView:
+                    patient_id: uuid.UUID, body: PrescriptionCreate, *,
+                    care_days: int) -> PrescriptionView:
     basis = await require_chart_access(session, claims, patient_id, write=True,
-                                       resource_type="prescription")
+                                       resource_type="prescription", care_days=care_days)
     row_id = uuid.uuid4()
     cipher = new_row_cipher(session, envelope, PRESCRIPTIONS, row_id)
     row = Prescription(id=row_id, patient_id=patient_id, doctor_id=claims.user_id,
@@ -230,13 +289,16 @@ async def prescribe(session: AsyncSession, envelope: Envelope, claims: AccessCla
 
 
 async def list_prescriptions(session: AsyncSession, envelope: Envelope, claims: AccessClaims,
-                             patient_id: uuid.UUID, limit: int,
-                             offset: int) -> tuple[list[PrescriptionView], int]:
+                             patient_id: uuid.UUID, limit: int, offset: int, *,
+                             care_days: int) -> tuple[list[PrescriptionView], int]:
     basis = await require_chart_access(session, claims, patient_id, write=False,
-                                       resource_type="prescription")
-    rows, total = await fetch_page(session, select(Prescription).where(
-        Prescription.patient_id == patient_id).order_by(Prescription.created_at.desc(),
-                                                        Prescription.id), limit, offset)
+                                       resource_type="prescription", care_days=care_days,
+                                       authored=True)
+    where = [Prescription.patient_id == patient_id]
+    if basis is Basis.AUTHOR:  # an erased patient: the caller's own prescriptions only
+        where.append(Prescription.doctor_id == claims.user_id)
+    rows, total = await fetch_page(session, select(Prescription).where(*where).order_by(
+        Prescription.created_at.desc(), Prescription.id), limit, offset)
     views = [await _open_prescription(session, envelope, row) for row in rows]
     for view in views:
         audit.record(session, Action.VIEW_PRESCRIPTION, resource_type="prescription",

@@ -3,49 +3,26 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import (
-    AfterValidator,
-    AwareDatetime,
-    BaseModel,
-    BeforeValidator,
-    Field,
-    StringConstraints,
-)
+from pydantic import BaseModel, Field, StringConstraints
 
-from phivault.schemas import RequestModel, UUIDText
+from phivault.schemas import MULTI_LINE, SINGLE_LINE, RequestModel, Upcoming, UUIDText
 
 ConsultationStatus = Literal["proposed", "scheduled", "completed", "cancelled"]
 ClinicalText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
-                                                max_length=10_000)]
+                                                max_length=10_000), MULTI_LINE]
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
-                                             max_length=500)]
+                                             max_length=500), SINGLE_LINE]
 PrescriptionLine = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
-                                                    max_length=500)]
+                                                    max_length=500), SINGLE_LINE]
 Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
-                                          max_length=2_000)]
+                                          max_length=2_000), MULTI_LINE]
 
 
-def _iso_datetime(value: object) -> object:
-    # JSON brings a string; a caller using the library may pass a datetime.
-    if not isinstance(value, str | datetime):
-        raise ValueError("must be an ISO 8601 date-time with a time zone")
-    return value
-
-
-def _in_range(value: datetime) -> datetime:
-    """In UTC, between the years 1900 and 2200 (the extremes of the type overflow on the way to
-    the database)."""
-    if not 1900 <= value.year <= 2200:
-        raise ValueError("must be between the years 1900 and 2200")
-    return value.astimezone(UTC)
-
-
-# An aware date-time given as an ISO 8601 string (strict models refuse strings otherwise).
-When = Annotated[AwareDatetime, Field(strict=False), BeforeValidator(_iso_datetime),
-                 AfterValidator(_in_range)]
+# A booking's time: ISO 8601 with an offset, not in the past, kept in UTC (phivault.schemas).
+When = Upcoming
 
 
 class PatientBooking(RequestModel):
@@ -165,7 +142,7 @@ class PaymentView(BaseModel):
 
 class BreakGlassRequest(RequestModel):
     reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=20,
-                                             max_length=1000)]
+                                             max_length=1000), MULTI_LINE]
 
 
 class BreakGlassAnswer(BaseModel):

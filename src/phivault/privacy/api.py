@@ -2,24 +2,162 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from phivault.access.guards import Allow
 from phivault.access.permissions import Role
+from phivault.audit.schemas import Instant
+from phivault.auth.schemas import ErasureRequest, Me, ProfileRectification
 from phivault.auth.tokens import AccessClaims
-from phivault.privacy import consents
+from phivault.errors import RateLimited
+from phivault.privacy import consents, erasure, export, rectification
 from phivault.privacy.consents import ConsentChoice, ConsentView
-from phivault.web.dependencies import SessionDep
+from phivault.privacy.schemas import ExportQuery
+from phivault.web.dependencies import RuntimeDep, SessionDep
 from phivault.web.errors import responses
 
 router = APIRouter(tags=["privacy"])
 Patient = Annotated[AccessClaims, Depends(Allow(Role.PATIENT))]
 
 
-@router.get("/me/consents", responses=responses(401, 403), summary="My current consents")
-async def read_consents(claims: Patient, session: SessionDep) -> ConsentView:
+class ExportGate:
+    """How many exports one server process streams at once, and one per patient.
+
+    An export needs a second database connection (to chain the trail and read the profile)
+    while its request still holds the one its session check took. Unbounded, as many exports
+    as the pool has connections would each hold one and wait for another until the pool's
+    timeout, and every other request with them (an outside review found it). Taking a place
+    never waits: a full gate answers 429 at once, so a refused export holds nothing."""
+
+    def __init__(self, places: int) -> None:
+        self.places = max(1, places)
+        self.busy: set[uuid.UUID] = set()
+
+    def enter(self, patient_id: uuid.UUID) -> None:
+        if patient_id in self.busy:
+            raise RateLimited(5, "Your export is already running; wait for it to finish.")
+        if len(self.busy) >= self.places:
+            raise RateLimited(5, "Too many exports are running; try again in a few seconds.")
+        self.busy.add(patient_id)
+
+    def leave(self, patient_id: uuid.UUID) -> None:
+        self.busy.discard(patient_id)
+
+
+def _export_gate(request: Request, pool_size: int) -> ExportGate:
+    gate: ExportGate | None = getattr(request.app.state, "export_gate", None)
+    if gate is None:
+        # A quarter of the pool: the exports' second connections never starve the rest.
+        gate = request.app.state.export_gate = ExportGate(pool_size // 4)
+    return gate
+
+
+async def _released(body: AsyncIterator[bytes], gate: ExportGate,
+                    patient_id: uuid.UUID) -> AsyncIterator[bytes]:
+    """The body, and the gate's place given back when it ends (or the client goes)."""
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        gate.leave(patient_id)
+
+
+@router.patch("/me", responses=responses(401, 403, 422), summary="Rectify my profile")
+async def rectify_me(body: ProfileRectification, claims: Patient, runtime: RuntimeDep,
+                     session: SessionDep) -> Me:
+    """Correct any of `full_name`, `phone`, `address` and `birth_date` (GDPR article 16).
+    Fields not sent stay as they are; `phone`, `address` and `birth_date` may be sent as null
+    to remove them. A birth date before 1900 or in the future is a 422. Audited as
+    `UPDATE_PROFILE` with the names of the changed fields (never their values). Answers the
+    profile as it now is."""
+    await rectification.rectify(session, runtime.envelope, claims.user_id, body)
+    return await runtime.accounts.me(session, claims.user_id, record_view=False)
+
+
+@router.delete("/me", status_code=204, responses=responses(401, 403, 422, 429),
+               summary="Erase my account")
+async def erase_me(body: ErasureRequest, claims: Patient, runtime: RuntimeDep,
+                   session: SessionDep) -> Response:
+    """Erasure (GDPR article 17), after the current password again (a wrong one is a 401
+    `invalid_credentials` and counts toward the login lock-out). In one transaction: the
+    identity (name, email and its blind index, phone, address) is destroyed with the data
+    keys that sealed it and the birth date is cut to its year; every session ends (this
+    access token stops working at once); notifications are deleted, consents withdrawn, open
+    future consultations cancelled; the status becomes `deleted`. Medical records,
+    prescriptions, consultations, payments and the audit trail stay under the pseudonymous
+    id, and the doctor who wrote a record or prescription keeps read access to it. The email
+    may register again, as a new person. Audited as `ACCOUNT_ERASED`."""
+    await runtime.authenticator.confirm_password(session, claims.user_id, body.password,
+                                                 reason="erasure_bad_password")
+    await erasure.erase(session, runtime.envelope, claims.user_id)
+    # After the commit (which happens before this answer is sent): the SQLite log's old pages.
+    return Response(status_code=204,
+                    background=BackgroundTask(erasure.forget_on_disk, runtime.engine))
+
+
+EXPORT_ANSWER = {
+    200: {"description": "The export, streamed as an attachment: a JSON document, or with "
+                         "`format=fhir` a FHIR R4 Bundle.",
+          "content": {"application/json": {"schema": {"type": "object"}},
+                      "application/fhir+json": {"schema": {"type": "object"}}}},
+    **responses(401, 403, 422, 429, 500)}
+
+
+@router.get("/me/export", response_class=StreamingResponse, responses=EXPORT_ANSWER,
+            summary="Export my data (JSON or FHIR)")
+async def export_my_data(claims: Patient, query: Annotated[ExportQuery, Query()],
+                         runtime: RuntimeDep, session: SessionDep,
+                         request: Request) -> StreamingResponse:
+    """Everything phivault holds about you, decrypted (GDPR articles 15 and 20), as a download.
+
+    `format=json` (the default): one `application/json` document with `profile`,
+    `consultations`, `medical_records` (every version of every record), `prescriptions`,
+    `attachments` (metadata: id, filename, type, size, date, uploader; not the files),
+    `payments`, `consents` (the whole history), `notifications` and `access_log` (who accessed
+    your data), each section oldest first. `format=fhir`: an `application/fhir+json` FHIR R4
+    Bundle of type `collection` (Patient, Practitioner, Encounter, Condition,
+    MedicationRequest, DocumentReference, Consent, Communication, AuditEvent). Any other format
+    or query parameter is a 422. Patient only.
+
+    The export is as of the moment it starts and is read page by page, so a long history
+    streams without delay. One export per patient at a time, and a quarter of the database
+    pool's size per server process: beyond that, 429 with `Retry-After`. Audited as
+    `DATA_EXPORT` with its format."""
+    gate = _export_gate(request, runtime.settings.db_pool_size)
+    gate.enter(claims.user_id)
+    try:
+        export.record(session, claims.user_id, query.format)
+        start = await export.begin(runtime, claims.user_id, session)
+    except BaseException:
+        gate.leave(claims.user_id)
+        raise
+    name = "phivault-export.json" if query.format is export.ExportFormat.JSON \
+        else "phivault-export.fhir.json"
+    # The unit of work (and its DATA_EXPORT event) commits before the body streams; the body
+    # reads in short transactions of its own, one page at a time.
+    return StreamingResponse(_released(export.stream(runtime, start, query.format), gate,
+                                       claims.user_id),
+                             media_type=export.MEDIA_TYPES[query.format],
+                             headers={"Cache-Control": "no-store",
+                                      "Content-Disposition": f'attachment; filename="{name}"'})
+
+
+@router.get("/me/consents", responses=responses(401, 403, 404, 422),
+            summary="My current consents, or those in force at a past instant")
+async def read_consents(claims: Patient, session: SessionDep,
+                        at: Annotated[Instant | None, Query(
+                            description="An ISO 8601 time with an offset: answers the "
+                                        "consents in force at that instant (proof of "
+                                        "consent); 404 before the first.")] = None
+                        ) -> ConsentView:
+    if at is not None:
+        return await consents.at(session, claims.user_id, at)
     return await consents.current(session, claims.user_id)
 
 

@@ -50,9 +50,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             else:
                 await runtime.sequencer.stop()
 
+    # No slash redirects: Starlette builds their Location from the request's Host header, which
+    # makes `/api/v1/me/` with `Host: evil.example` an open redirect. A stray slash is a 404.
     app = FastAPI(
         title="phivault", version=__version__, description=DESCRIPTION, lifespan=lifespan,
-        docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+        docs_url=None, redoc_url=None, openapi_url="/openapi.json", redirect_slashes=False,
     )
     app.state.runtime = runtime
     errors.install(app)

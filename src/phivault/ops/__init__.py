@@ -1,0 +1,1 @@
+"""What belongs to no one domain: outgoing mail (staff invitations, break-glass notices)."""

@@ -1,0 +1,240 @@
+"""The session-check cache (auth/session_cache.py): an answer lives at most a second, a
+revocation evicts it at once in its own process and, through Redis, on every other worker; a
+revoked session is refused on another worker within a second, with or without Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from redis import asyncio as aioredis
+
+from phivault.auth import session_cache as session_cache_module
+from phivault.auth.models import AuthSession, User
+from phivault.auth.service import revoke_sessions
+from phivault.auth.session_cache import SessionCache
+from phivault.auth.tokens import AccessClaims
+from phivault.errors import InvalidToken
+from phivault.runtime import Runtime
+from tests.conftest import client_for
+from tests.factories import TestUser, signed_in
+
+ME = "/api/v1/me"
+REDIS_URL = os.environ.get("PHIVAULT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+STATE = ("login", None, None, "active", "patient")
+
+
+def require_redis() -> None:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        message = f"Redis at {REDIS_URL} is unreachable ({type(exc).__name__})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + "; CI=true requires it")
+        pytest.skip(message)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# The cache alone.
+
+def test_an_answer_lives_at_most_max_age_from_before_the_question() -> None:
+    clock = Clock()
+    cache = SessionCache(1.0, clock=clock)
+    session_id, user_id = uuid.uuid4(), uuid.uuid4()
+    ticket = cache.ticket()
+    clock.now += 0.4  # the database took 0.4 s to answer
+    cache.put(ticket, session_id, user_id, STATE)
+    assert cache.get(session_id, user_id) == STATE
+    clock.now = 100.999
+    assert cache.get(session_id, user_id) == STATE
+    clock.now = 101.0  # a second after the question, whenever the answer came
+    assert cache.get(session_id, user_id) is None
+    assert cache.get(uuid.uuid4(), user_id) is None
+
+
+def test_an_answer_read_across_an_eviction_is_not_kept() -> None:
+    """It may have been read before the revocation that the eviction announced."""
+    cache = SessionCache(1.0, clock=Clock())
+    session_id, user_id = uuid.uuid4(), uuid.uuid4()
+    ticket = cache.ticket()
+    cache.evict([uuid.uuid4()])
+    cache.put(ticket, session_id, user_id, STATE)
+    assert cache.get(session_id, user_id) is None
+
+
+def test_eviction_is_per_user_and_zero_keeps_nothing() -> None:
+    cache = SessionCache(1.0, clock=Clock())
+    a, b = uuid.uuid4(), uuid.uuid4()
+    for user in (a, a, b):
+        cache.put(cache.ticket(), uuid.uuid4(), user, STATE)
+    kept_b = next(key for key in cache._entries if key[1] == b)
+    cache.evict([a])
+    assert list(cache._entries) == [kept_b]
+    off = SessionCache(0, clock=Clock())
+    off.put(off.ticket(), uuid.uuid4(), a, STATE)
+    assert not off._entries
+
+
+def test_a_message_evicts_its_users_and_a_garbled_one_everything() -> None:
+    cache = SessionCache(1.0, clock=Clock())
+    a, b = uuid.uuid4(), uuid.uuid4()
+    for user in (a, b):
+        cache.put(cache.ticket(), uuid.uuid4(), user, STATE)
+    cache._received(a.hex.encode())
+    assert [key[1] for key in cache._entries] == [b]
+    cache._received(b"not,a,user")
+    assert not cache._entries
+
+
+def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session_cache_module, "MAX_ENTRIES", 10)
+    clock = Clock()
+    cache = SessionCache(1.0, clock=clock)
+    for _ in range(10):
+        cache.put(cache.ticket(), uuid.uuid4(), uuid.uuid4(), STATE)
+    clock.now += 2  # all ten are stale: dropped to make room
+    cache.put(cache.ticket(), uuid.uuid4(), uuid.uuid4(), STATE)
+    assert len(cache._entries) == 1
+    for _ in range(20):  # all fresh: the cache starts over rather than grow
+        cache.put(cache.ticket(), uuid.uuid4(), uuid.uuid4(), STATE)
+    assert len(cache._entries) <= 10
+
+
+# One process: a revocation evicts at once.
+
+def _kept(rt: Runtime, user: TestUser) -> bool:
+    return any(key[1] == user.id for key in rt.session_cache._entries)
+
+
+async def test_every_revocation_path_refuses_a_kept_session_at_once(
+        client: httpx.AsyncClient, runtime: Runtime) -> None:
+    admin = await signed_in(runtime, "admin")
+    doctor = await signed_in(runtime, "doctor")
+    patient = await signed_in(runtime)
+    for user in (doctor, patient):
+        assert (await client.get(ME, headers=user.headers)).status_code == 200
+        assert _kept(runtime, user)
+    # An admin disables the doctor: the status changes with the revocation.
+    disabled = await client.patch(f"/api/v1/users/{doctor.id}", headers=admin.headers,
+                                  json={"status": "disabled"})
+    assert disabled.status_code == 200
+    assert (await client.get(ME, headers=doctor.headers)).status_code == 401
+    # An erasure marks the account deleted and calls `revoke_sessions` in its transaction.
+    async with runtime.unit_of_work() as session:
+        user = await session.get(User, patient.id)
+        assert user is not None
+        user.status = "deleted"
+        assert await revoke_sessions(session, AuthSession.user_id == patient.id) == 1
+    assert not _kept(runtime, patient)
+    assert (await client.get(ME, headers=patient.headers)).status_code == 401
+
+
+async def test_a_rolled_back_revocation_publishes_nothing(runtime: Runtime) -> None:
+    user = await signed_in(runtime)
+    with pytest.raises(RuntimeError):
+        async with runtime.unit_of_work() as session:
+            await revoke_sessions(session, AuthSession.user_id == user.id)
+            assert session.info["phivault.revoked_users"] == {user.id}
+            raise RuntimeError("the work fails")
+    async with client_for(runtime) as c:
+        assert (await c.get(ME, headers=user.headers)).status_code == 200
+
+
+# Two workers on one database.
+
+async def _two_workers(fresh_runtime: Callable[..., Any], **settings: Any
+                       ) -> tuple[Runtime, Runtime]:
+    a: Runtime = await fresh_runtime(**settings)
+    b: Runtime = await fresh_runtime(database_url=a.settings.database_url_value, **settings)
+    return a, b
+
+
+async def _logout(rt: Runtime, user: TestUser) -> float:
+    async with client_for(rt) as c:
+        out = await c.post("/api/v1/auth/logout", json={"refresh_token": user.refresh_token})
+    assert out.status_code == 204
+    return time.monotonic()
+
+
+async def test_without_redis_another_worker_refuses_within_a_second(
+        fresh_runtime: Callable[..., Any]) -> None:
+    a, b = await _two_workers(fresh_runtime)
+    user = await signed_in(a)
+    async with client_for(b) as c:
+        assert (await c.get(ME, headers=user.headers)).status_code == 200
+        assert _kept(b, user)
+        logged_out = await _logout(a, user)
+        # Every request that starts a second or more after the logout is refused.
+        while True:
+            started = time.monotonic()
+            status = (await c.get(ME, headers=user.headers)).status_code
+            if status == 401:
+                break
+            assert status == 200 and started - logged_out < 1.0
+            await asyncio.sleep(0.02)
+
+
+async def _passes(rt: Runtime, claims: AccessClaims) -> bool:
+    """Whether `rt` lets the token through its session check (as every request does)."""
+    try:
+        async with rt.unit_of_work() as session:
+            await rt.authenticator.check_session(session, claims)
+    except InvalidToken:
+        return False
+    return True
+
+
+async def test_through_redis_another_worker_drops_its_answer_at_once(
+        fresh_runtime: Callable[..., Any]) -> None:
+    """Worker B's clock is frozen, so its answers never age: only the message from worker A
+    can make B ask the database again. (The tokens come from a third runtime without Redis,
+    and the checks are made on the service, so that only the cache talks to Redis here.)"""
+    require_redis()
+    prefix = f"test-{secrets.token_hex(6)}"
+    a, b = await _two_workers(fresh_runtime, redis_url=REDIS_URL, redis_prefix=prefix)
+    issuer: Runtime = await fresh_runtime(database_url=a.settings.database_url_value)
+    b.session_cache.clock = Clock()
+    b.session_cache.start()
+    listener = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        for _ in range(200):  # until B listens
+            if (await listener.pubsub_numsub(b.session_cache.channel))[0][1]:
+                break
+            await asyncio.sleep(0.025)
+    finally:
+        await listener.aclose()
+    patient, erased = await signed_in(issuer), await signed_in(issuer)
+    tokens = {user.id: issuer.access_tokens.verify(user.access_token or "")
+              for user in (patient, erased)}
+    for claims in tokens.values():
+        assert await _passes(b, claims)
+    # A logout on A (its session revoked), and an erasure on A: the account deleted and its
+    # sessions revoked in one commit.
+    async with a.unit_of_work() as session:
+        await revoke_sessions(session, AuthSession.id == tokens[patient.id].session_id)
+    async with a.unit_of_work() as session:
+        user = await session.get(User, erased.id)
+        assert user is not None
+        user.status = "deleted"
+        await revoke_sessions(session, AuthSession.user_id == erased.id)
+    for user in (patient, erased):
+        for _ in range(200):
+            if not _kept(b, user):
+                break
+            await asyncio.sleep(0.025)
+        assert not await _passes(b, tokens[user.id])

@@ -4,6 +4,7 @@ nothing is lost or duplicated, an edited queued event is found and never chained
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -304,3 +305,50 @@ async def test_kill_9_while_sequencing_loses_and_duplicates_nothing(
     assert sorted(m["count"] for m in counts) == list(range(total))
     assert head == total
     assert (await _verify(rt)).as_dict() == {"ok": True, "events": total, "first_bad_seq": None}
+
+
+class _Fatal(BaseException):
+    """Not an `Exception`: the loop's own retry does not catch it, so the task dies."""
+
+
+async def test_a_sequencer_loop_that_dies_is_restarted_and_logged(
+        fresh_runtime: Callable[..., Any], captured_logs: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10 (supervision): the background loop dies twice (a fatal error, then a
+    cancellation from elsewhere); each time it is logged and started again, and the events
+    queued meanwhile are chained without anyone draining."""
+    rt = await fresh_runtime(chain_after_commit=False)
+    real = rt.sequencer.sequence_batch
+    failures = [_Fatal()]
+
+    async def failing_once(*args: Any, **kwargs: Any) -> int | None:
+        if failures:
+            raise failures.pop()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(rt.sequencer, "sequence_batch", failing_once)
+    rt.start_background()
+    try:
+        await _queue(rt, 5)
+        deadline = time.monotonic() + 30
+        while await _count(rt, AuditEvent) < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await _count(rt, AuditEvent) == 5 and rt.sequencer.restarts == 1
+        first = rt.sequencer._task
+        assert first is not None
+        first.cancel()  # killed from elsewhere
+        await _queue(rt, 5)
+        deadline = time.monotonic() + 30
+        while await _count(rt, AuditEvent) < 10 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await _count(rt, AuditEvent) == 10 and rt.sequencer.restarts == 2
+    finally:
+        await rt.sequencer.stop()
+    lines = [json.loads(line) for line in captured_logs.getvalue().splitlines() if line]
+    died = [line for line in lines if line.get("event") == "audit_sequencer_died"]
+    assert [line["cause"] for line in died] == ["_Fatal", "cancelled"]
+    assert sum(line.get("event") == "audit_sequencer_restarted" for line in lines) == 2
+    # Stopped on purpose: not restarted.
+    await asyncio.sleep(0.5)
+    assert rt.sequencer._task is None and rt.sequencer.restarts == 2
+    assert (await _verify(rt)).ok

@@ -137,6 +137,8 @@ class Sequencer:
         self._inline = inline
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+        self.restarts = 0  # background loops that died and were started again
         # Readers' drains in this process share one flush at a time (see `drain`).
         self._drain_lock = asyncio.Lock()
         self._drain_tickets = 0
@@ -278,13 +280,40 @@ class Sequencer:
         self._wake.set()
 
     def start(self) -> None:
-        """Run `run_forever` in the background of this process's event loop."""
+        """Run `run_forever` in the background of this process's event loop, supervised: a
+        loop that ends without `stop` (an error it could not survive, a cancellation from
+        elsewhere) is logged as `audit_sequencer_died` and started again after a pause that
+        grows with each restart in a row (0.2 s to 5 s). Its events stay queued meanwhile."""
+        self._stopped = False
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.run_forever(),
-                                                                 name="audit-sequencer")
+            self._spawn()
+
+    def _spawn(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.run_forever(),
+                                                      name="audit-sequencer")
+        task.add_done_callback(self._ended)
+        self._task = task
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if self._task is not task:  # stopped on purpose
+            return
+        self._task = None
+        reason = ("cancelled" if task.cancelled()
+                  else type(task.exception()).__name__ if task.exception() else "returned")
+        self.restarts += 1
+        pause = min(5.0, 0.2 * 2 ** min(self.restarts - 1, 5))
+        log.error("audit_sequencer_died", cause=reason, restarts=self.restarts,
+                  restart_in_seconds=pause)
+        asyncio.get_running_loop().call_later(pause, self._restart)
+
+    def _restart(self) -> None:
+        if not self._stopped and self._task is None:
+            log.warning("audit_sequencer_restarted", restarts=self.restarts)
+            self._spawn()
 
     async def stop(self) -> None:
         """Stop the background loop, then chain what this process committed."""
+        self._stopped = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Annotated
@@ -26,12 +25,11 @@ from phivault.audit.export import (
     ExportWindowError,
     ExportWriteError,
     plan_export,
-    private_output,
     write_export,
 )
 from phivault.audit.fhir import FhirMappingError
 from phivault.audit.verify import Anchor
-from phivault.cli.common import fail, progress, run_with_runtime, settings_or_exit
+from phivault.cli.common import fail, progress, run_with_runtime, run_writing, settings_or_exit
 from phivault.config import ConfigError, Settings
 from phivault.crypto.audit_signing import CheckpointSignatureError
 from phivault.runtime import Runtime
@@ -194,12 +192,7 @@ def export(
         return count
 
     try:
-        with ExitStack() as stack:
-            try:
-                sink = stack.enter_context(private_output(out))
-            except ExportWriteError as exc:
-                fail(str(exc), 2)
-            count = run_with_runtime("audit-export", lambda runtime: work(runtime, sink))
+        count = run_writing("audit-export", out, work)
     except (ExportWriteError, FhirMappingError) as exc:
         fail(str(exc))
     typer.echo(f"exported {count} audit events ({fmt}) to {out}")

@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from typing import NoReturn, TypeVar
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import IO, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeRemainingColumn
 
+from phivault.audit.export import ExportWriteError, private_output
 from phivault.config import ConfigError, Settings, load_settings
 from phivault.observability import configure_logging
 from phivault.request_context import RequestContext, new_request_id, set_request
@@ -61,6 +63,19 @@ def run_with_runtime(command: str, work: Callable[[Runtime], Awaitable[T]],
             await runtime.close()
 
     return asyncio.run(main())
+
+
+def run_writing(command: str, out: Path,
+                work: Callable[[Runtime, IO[bytes]], Awaitable[T]]) -> T:
+    """`run_with_runtime`, with `out` open for `work` to write: created 0600 beside its final
+    name and renamed into place only when `work` succeeds (`private_output`). A file that
+    cannot be created is one line and exit 2; a failed write raises `ExportWriteError`."""
+    with ExitStack() as stack:
+        try:
+            sink = stack.enter_context(private_output(out))
+        except ExportWriteError as exc:
+            fail(str(exc), 2)
+        return run_with_runtime(command, lambda runtime: work(runtime, sink))
 
 
 class Reporter:

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Annotated
 
 import typer
 
-from phivault.audit.export import ExportWriteError, private_output
-from phivault.cli.common import fail, progress, run_with_runtime
+from phivault.audit.export import ExportWriteError
+from phivault.cli.common import fail, progress, run_with_runtime, run_writing
 from phivault.crypto import IntegrityError
 from phivault.errors import NotFound, PhivaultError
 from phivault.privacy import consents, erasure, export
@@ -65,12 +64,7 @@ def export_data(
             return await export.write(runtime, start, fmt, sink, bar.advance)
 
     try:
-        with ExitStack() as stack:
-            try:
-                sink = stack.enter_context(private_output(out))
-            except ExportWriteError as exc:
-                fail(str(exc), 2)
-            count = run_with_runtime("gdpr-export", lambda runtime: work(runtime, sink))
+        count = run_writing("gdpr-export", out, work)
     except NoSuchPatient:
         fail(f"no patient has the id {patient}")
     except IntegrityError:

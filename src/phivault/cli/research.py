@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Annotated
 
@@ -10,8 +9,8 @@ import typer
 
 from phivault.audit import service
 from phivault.audit.actions import Action, Outcome
-from phivault.audit.export import ExportWriteError, private_output
-from phivault.cli.common import fail, progress, run_with_runtime, settings_or_exit
+from phivault.audit.export import ExportWriteError
+from phivault.cli.common import fail, progress, run_writing, settings_or_exit
 from phivault.crypto import IntegrityError
 from phivault.db.base import utcnow
 from phivault.privacy.research import (
@@ -85,12 +84,7 @@ def export(
         return summary
 
     try:
-        with ExitStack() as stack:
-            try:
-                sink = stack.enter_context(private_output(out))
-            except ExportWriteError as exc:
-                fail(str(exc), 2)
-            summary = run_with_runtime("research-export", lambda runtime: work(runtime, sink))
+        summary = run_writing("research-export", out, work)
     except ExportWriteError as exc:
         fail(str(exc))
     except ResearchExportChanged:

@@ -50,6 +50,7 @@ from phivault.crypto.blind_index import BlindIndex
 from phivault.crypto.envelope import Envelope
 from phivault.db.base import utcnow
 from phivault.db.paging import fetch_page
+from phivault.db.phases import reads_only
 from phivault.errors import (
     Conflict,
     EmailTaken,
@@ -122,9 +123,10 @@ class Accounts:
         problem = password_problem(request.password, request.email)
         if problem:
             raise WeakPassword(f"The password {problem}.")
+        # Hashed before the transaction begins (`db/phases.py`): no lock is held meanwhile.
+        password_hash = await self.passwords.hash(request.password)
         await self._email_free(session, email_lookup(self.blind_index, request.email))
-        user = self._new_user(session, request.email, Role.PATIENT,
-                              await self.passwords.hash(request.password))
+        user = self._new_user(session, request.email, Role.PATIENT, password_hash)
         await session.flush()
         self._new_patient_profile(session, user, request.full_name, request.birth_date,
                                   request.sex, request.phone, request.address)
@@ -265,8 +267,9 @@ class Accounts:
         problem = password_problem(password, email)
         if problem:
             raise WeakPassword(f"The password {problem}.")
+        password_hash = await self.passwords.hash(password)  # before the transaction begins
         await self._email_free(session, email_lookup(self.blind_index, email))
-        user = self._new_user(session, email, role, await self.passwords.hash(password))
+        user = self._new_user(session, email, role, password_hash)
         await session.flush()
         if role == Role.PATIENT:
             self._new_patient_profile(session, user, full_name)
@@ -280,24 +283,27 @@ class Accounts:
 
     async def redeem_setup(self, session: AsyncSession, token: str, password: str) -> None:
         now = utcnow()
-        user = (await session.execute(select(User).where(
-            User.setup_token_hash == token_digest(token)))).scalar_one_or_none()
-        if (user is None or user.setup_expires_at is None or now >= user.setup_expires_at
-                or user.status != "active"):
-            raise InvalidToken("The setup token is unknown, used or expired.")
-        email = (await user_cipher(session, self.envelope, user)).open("email",
-                                                                       user.email or b"")
+        async with reads_only(session):
+            user = (await session.execute(select(User).where(
+                User.setup_token_hash == token_digest(token)))).scalar_one_or_none()
+            if (user is None or user.setup_expires_at is None or now >= user.setup_expires_at
+                    or user.status != "active"):
+                raise InvalidToken("The setup token is unknown, used or expired.")
+            email = (await user_cipher(session, self.envelope, user)).open("email",
+                                                                           user.email or b"")
         problem = password_problem(password, email)
         if problem:
             raise WeakPassword(f"The password {problem}.")
+        password_hash = await self.passwords.hash(password)  # no transaction open meanwhile
         # Redeem exactly once, even against a concurrent redeem of the same token.
         claimed = await session.execute(
-            update(User).where(User.id == user.id, User.setup_token_hash == token_digest(token))
+            update(User).where(User.id == user.id, User.setup_token_hash == token_digest(token),
+                               User.status == "active")
             .values(setup_token_hash=None, setup_expires_at=None)
             .execution_options(synchronize_session=False))
         if int(claimed.rowcount) != 1:  # type: ignore[attr-defined]
             raise InvalidToken("The setup token is unknown, used or expired.")
-        user.password_hash = await self.passwords.hash(password)
+        user.password_hash = password_hash
         user.password_changed_at = now
         audit.record(session, Action.ACCOUNT_SETUP, actor=Actor(user.id, user.role),
                      resource_type="user", resource_id=user.id)

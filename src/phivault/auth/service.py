@@ -30,6 +30,7 @@ from phivault.auth.tokens import AccessClaims, AccessTokens
 from phivault.crypto.blind_index import BlindIndex, normalise_email
 from phivault.crypto.envelope import Envelope
 from phivault.db.base import core_table, utcnow
+from phivault.db.phases import reads_only
 from phivault.errors import (
     InvalidCredentials,
     InvalidToken,
@@ -107,13 +108,17 @@ class Authenticator:
         lookup = email_lookup(self.blind_index, email)
         account = lookup.hex()
         await self.limits.begin_attempt(account)
-        user = (await session.execute(select(User).where(User.email_index == lookup))
-                ).scalar_one_or_none()
+        async with reads_only(session):
+            user = (await session.execute(select(User).where(User.email_index == lookup))
+                    ).scalar_one_or_none()
+        # The hash runs with no transaction open (`db/phases.py`), and so does the rehash.
         stored = user.password_hash if user is not None else None
         valid = await self.passwords.verify(stored, password)
         if user is None or not valid or user.status != "active":
             self._failed(session, user, "unknown_account" if user is None
                          else "bad_password" if not valid else "inactive")
+        rehashed = (await self.passwords.hash(password)
+                    if stored is not None and self.passwords.needs_rehash(stored) else None)
         if user.totp_enabled:
             if totp_code is None:
                 # The password was right: this attempt is no failure.
@@ -127,13 +132,13 @@ class Authenticator:
             step = mfa.matching_step(secret, totp_code, after_step=user.totp_last_step)
             if step is None or not await _claim_totp_step(session, user.id, step):
                 self._failed(session, user, "bad_totp")
-        # The password was read before the (slow) hash: an erasure or a disabling that
-        # committed meanwhile must win, so the row is locked and read again now.
-        if not await lock_active_user(session, user.id):
+        # The password was read before the (slow) hash: an erasure, a disabling or a password
+        # change that committed meanwhile must win, so the row is locked and read again now.
+        if not await lock_active_user(session, user.id, password_hash=stored):
             self._failed(session, user, "inactive")
         await self.limits.attempt_succeeded(account)
-        if stored is not None and self.passwords.needs_rehash(stored):
-            user.password_hash = await self.passwords.hash(password)
+        if rehashed is not None:
+            user.password_hash = rehashed
         actor = Actor(user.id, user.role)
         if user.role in self.mfa_roles and not user.totp_enabled:
             enrollment = self._start_session(session, user, MFA_ENROLLMENT,
@@ -289,18 +294,21 @@ class Authenticator:
 
     async def change_password(self, session: AsyncSession, user_id: uuid.UUID, current: str,
                               new: str) -> None:
-        user = await self._user(session, user_id)
+        async with reads_only(session):
+            user = await self._user(session, user_id)
+            email = (await user_cipher(session, self.envelope, user)).open("email",
+                                                                           user.email or b"")
         if not await self._recheck_password(user, current):
             audit.record(session, Action.PASSWORD_CHANGED, outcome=Outcome.DENIED,
                          resource_type="user", resource_id=user.id,
                          metadata={"reason": "bad_password"})
             raise InvalidCredentials()
-        email = (await user_cipher(session, self.envelope, user)).open("email",
-                                                                       user.email or b"")
         problem = password_problem(new, email)
         if problem:
             raise WeakPassword(f"The new password {problem}.")
-        user.password_hash = await self.passwords.hash(new)
+        new_hash = await self.passwords.hash(new)
+        await self._relock(session, user)
+        user.password_hash = new_hash
         user.password_changed_at = utcnow()
         revoked = await revoke_sessions(session, AuthSession.user_id == user.id)
         audit.record(session, Action.PASSWORD_CHANGED, resource_type="user", resource_id=user.id,
@@ -310,12 +318,14 @@ class Authenticator:
                         password: str) -> tuple[str, str]:
         """A new TOTP secret (not active until `enable_mfa`), after the password again: a
         stolen access token alone cannot change MFA."""
-        user = await self._user(session, user_id)
+        async with reads_only(session):
+            user = await self._user(session, user_id)
         if not await self._recheck_password(user, password):
             audit.record(session, Action.ACCESS_DENIED, outcome=Outcome.DENIED,
                          resource_type="user", resource_id=user.id,
                          metadata={"reason": "mfa_setup_bad_password"})
             raise InvalidCredentials()
+        await self._relock(session, user)
         if user.totp_enabled:
             raise InvalidCredentials("Two-factor authentication is already on.")
         cipher = await user_cipher(session, self.envelope, user)
@@ -350,13 +360,16 @@ class Authenticator:
                                password: str, *, reason: str) -> None:
         """The caller's current password again before an irreversible act (erasure), under
         the login lock-out; a wrong one writes `ACCESS_DENIED` and answers
-        `invalid_credentials`."""
-        user = await self._user(session, user_id)
+        `invalid_credentials`. The hash runs with no transaction open; the act that follows
+        runs in a new one, with the account locked and read again."""
+        async with reads_only(session):
+            user = await self._user(session, user_id)
         if not await self._recheck_password(user, password):
             audit.record(session, Action.ACCESS_DENIED, outcome=Outcome.DENIED,
                          resource_type="user", resource_id=user.id,
                          metadata={"reason": reason})
             raise InvalidCredentials()
+        await self._relock(session, user)
 
     async def _recheck_password(self, user: User, password: str) -> bool:
         """The current password again (password change, TOTP set-up), under the same lock-out
@@ -374,6 +387,13 @@ class Authenticator:
             raise InvalidToken()
         return user
 
+    @staticmethod
+    async def _relock(session: AsyncSession, user: User) -> None:
+        """After a hash run outside the transaction: the account is still active and its
+        password unchanged (a concurrent change wins; this request's check is stale)."""
+        if not await lock_active_user(session, user.id, password_hash=user.password_hash):
+            raise InvalidToken()
+
 
 async def _claim_totp_step(session: AsyncSession, user_id: uuid.UUID, step: int) -> bool:
     """Record `step` as used, unless it (or a later one) already was: of two concurrent logins
@@ -385,17 +405,22 @@ async def _claim_totp_step(session: AsyncSession, user_id: uuid.UUID, step: int)
     return int(result.rowcount) == 1  # type: ignore[attr-defined]
 
 
-async def lock_active_user(session: AsyncSession, user_id: uuid.UUID) -> bool:
-    """Share-lock the user's row and answer whether the account is still active.
+async def lock_active_user(session: AsyncSession, user_id: uuid.UUID, *,
+                           password_hash: str | None = None) -> bool:
+    """Share-lock the user's row and answer whether the account is still active (and, given
+    `password_hash`, still has that password: one checked outside the transaction).
 
     Erasure and disabling lock the row for update, so a write made in an account's name (a
     login's session, a consent change, a booking, a rectification) either commits before them or
     sees the account gone: its request checked the account at its start, which is not enough
     (an outside review made erased accounts' consents and bookings come back that way). SQLite
     needs no lock: every writing transaction there begins IMMEDIATE, one at a time."""
-    status = (await session.execute(select(User.status).where(User.id == user_id)
-                                    .with_for_update(read=True))).scalar_one_or_none()
-    return status == "active"
+    row = (await session.execute(select(User.status, User.password_hash)
+                                 .where(User.id == user_id)
+                                 .with_for_update(read=True))).one_or_none()
+    if row is None or row.status != "active":
+        return False
+    return password_hash is None or row.password_hash == password_hash
 
 
 async def require_active_user(session: AsyncSession, user_id: uuid.UUID) -> None:

@@ -4,16 +4,28 @@ An upload is `multipart/form-data` with one part named `file`. Its type is decid
 file's own first bytes (PDF, PNG, JPEG, DICOM) and must match the part's declared type. The
 bytes never touch the disk in clear (no spooled temporary file): each piece is sealed as it
 arrives (`crypto/stream.py`: 64 KiB segments, each authenticated with its index and a last
-flag) and stored as a row of `attachment_segments`. A download first authenticates the whole
+flag) and stored as rows of `attachment_segments`. A download first authenticates the whole
 stream, so a truncated, reordered or edited segment answers 500 `integrity_failure` before any
 byte is sent, then streams and decrypts it again, a batch of segments at a time.
+
+No transaction and no pooled connection stays open while the client sends the body (an outside
+review had a patient trickling a byte every 25 s hold SQLite's only write lock for minutes, and
+twenty such uploads drain PostgreSQL's pool). So an upload has three phases (`db/phases.py`):
+the access check in a short read-only transaction, which refuses before a byte is read; the
+body, sealed as it arrives into a spool (memory up to `SPOOL_MEMORY`, then an unlinked temporary
+file: ciphertext only, under a data key that exists only in this process's memory until the
+last phase); then one short transaction that checks access again (a care relationship may have
+ended meanwhile), stores the key, the row and its segments, and records the event. A client
+that stops halfway, or a process that dies, leaves nothing behind in the database.
 """
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import IO
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -33,13 +45,17 @@ from phivault.crypto.stream import StreamOpener, StreamSealer
 from phivault.db.base import utcnow
 from phivault.db.engine import READ_ONLY
 from phivault.db.paging import fetch_page
+from phivault.db.phases import reads_only
 from phivault.errors import InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMedia
-from phivault.keys.service import RowCipher, new_row_cipher, row_cipher
+from phivault.keys.service import RowCipher, add_row_cipher, row_cipher
 
 TABLE = "attachments"
 MAX_FILE_BYTES = 25 * 1024 * 1024
 SNIFF_BYTES = 132
-READ_BATCH = 16  # segments per query when reading (about 1 MiB)
+READ_BATCH = 16  # segment rows per query when reading (about 1 MiB)
+STORE_BYTES = 64 * 1024  # sealed bytes per `attachment_segments` row
+FLUSH_SEGMENTS = 32  # rows per INSERT round trip when storing (about 2 MiB)
+SPOOL_MEMORY = 1024 * 1024  # sealed bytes held in memory per upload before spooling to disk
 ALLOWED_TYPES = ("application/pdf", "image/png", "image/jpeg", "application/dicom")
 
 
@@ -66,16 +82,13 @@ class _Part:
 class _Upload:
     """State of one streamed upload: the multipart parse, the sniffing, the sealing."""
 
-    def __init__(self, session: AsyncSession, attachment: Attachment, cipher: RowCipher,
-                 sealer: StreamSealer) -> None:
-        self.session, self.attachment, self.cipher, self.sealer = (session, attachment, cipher,
-                                                                    sealer)
+    def __init__(self, sealer: StreamSealer, spool: IO[bytes]) -> None:
+        self.sealer, self.spool = sealer, spool
         self.parts: list[_Part] = []
         self.pending: list[bytes] = []  # file bytes parsed but not yet sealed
         self.head = b""
         self.sniffed = False
         self.size = 0
-        self.segments = 0
         self.files = 0
         self.filename: str | None = None
         self.declared: str | None = None
@@ -125,8 +138,8 @@ class _Upload:
 
     # Sealing.
 
-    async def drain(self) -> None:
-        """Seal what the parser produced since the last call and store the sealed bytes."""
+    def drain(self) -> None:
+        """Seal what the parser produced since the last call and spool the sealed bytes."""
         data, self.pending = b"".join(self.pending), []
         if not data:
             return
@@ -145,23 +158,17 @@ class _Upload:
             raise UnsupportedMedia()
 
     def _store(self, sealed: bytes) -> None:
-        if sealed:
-            self.session.add(AttachmentSegment(attachment_id=self.attachment.id,
-                                               index=self.segments, data=sealed))
-            self.segments += 1
+        self.spool.write(sealed)
 
-    async def finish(self) -> None:
+    def finish(self) -> str:
+        """The end of the body: the last sealed bytes are spooled; returns the file's name."""
         if not self.finished or self.filename is None:
             raise InvalidRequest("The multipart body is incomplete or has no file.")
         if not self.sniffed:
             self._check_type()
             self._store(self.sealer.update(self.head))
         self._store(self.sealer.finalize())
-        self.attachment.filename = self.cipher.seal("filename", self.filename)
-        self.attachment.content_type = self.declared or ""
-        self.attachment.size = self.size
-        self.attachment.segments = self.segments
-        self.attachment.complete = True
+        return self.filename
 
 
 def boundary_of(content_type: str | None) -> bytes:
@@ -176,18 +183,45 @@ async def upload(session: AsyncSession, envelope: Envelope, claims: AccessClaims
                  patient_id: uuid.UUID, content_type: str | None,
                  body: AsyncIterator[bytes], *, care_days: int) -> AttachmentView:
     """Store one attachment from a streamed multipart body (see the module docstring)."""
-    basis = await require_chart_access(session, claims, patient_id, write=True,
-                                       resource_type="attachment", care_days=care_days)
     boundary = boundary_of(content_type)
+    async with reads_only(session):
+        await require_chart_access(session, claims, patient_id, write=True,
+                                   resource_type="attachment", care_days=care_days)
     row_id = uuid.uuid4()
-    cipher = new_row_cipher(session, envelope, TABLE, row_id)
-    attachment = Attachment(id=row_id, patient_id=patient_id, uploader_id=claims.user_id,
-                            data_key_id=cipher.data_key_id, filename=b"", content_type="",
-                            size=0, segments=0, complete=False, created_at=utcnow())
-    session.add(attachment)
-    await session.flush()
-    state = _Upload(session, attachment, cipher,
-                    StreamSealer(cipher.data_key, TABLE, "content", row_id))
+    data_key = envelope.new_data_key(uuid.uuid4())
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY) as spool:
+        state = _Upload(StreamSealer(data_key, TABLE, "content", row_id), spool)
+        await _receive(state, boundary, body)  # no transaction open meanwhile
+        filename = state.finish()
+        # The last phase: one short transaction.
+        basis = await require_chart_access(session, claims, patient_id, write=True,
+                                           resource_type="attachment", care_days=care_days)
+        cipher = add_row_cipher(session, envelope, data_key, TABLE, row_id)
+        attachment = Attachment(
+            id=row_id, patient_id=patient_id, uploader_id=claims.user_id,
+            data_key_id=cipher.data_key_id, filename=cipher.seal("filename", filename),
+            content_type=state.declared or "", size=state.size, segments=0, complete=True,
+            created_at=utcnow())
+        session.add(attachment)
+        await session.flush()
+        spool.seek(0)
+        while piece := spool.read(STORE_BYTES):
+            session.add(AttachmentSegment(attachment_id=row_id, index=attachment.segments,
+                                          data=piece))
+            attachment.segments += 1
+            if attachment.segments % FLUSH_SEGMENTS == 0:
+                await session.flush()
+    audit.record(session, Action.CREATE_ATTACHMENT, resource_type="attachment",
+                 resource_id=row_id, patient_id=patient_id,
+                 metadata={"size": state.size, "content_type": attachment.content_type,
+                           **basis_metadata(basis)})
+    return AttachmentView(id=row_id, patient_id=patient_id, uploader_id=claims.user_id,
+                          filename=filename, content_type=attachment.content_type,
+                          size=state.size, created_at=attachment.created_at)
+
+
+async def _receive(state: _Upload, boundary: bytes, body: AsyncIterator[bytes]) -> None:
+    """Parse, check and seal the body as it arrives."""
     parser = MultipartParser(boundary, {
         "on_part_begin": state.on_part_begin, "on_header_field": state.on_header_field,
         "on_header_value": state.on_header_value, "on_header_end": state.on_header_end,
@@ -196,20 +230,11 @@ async def upload(session: AsyncSession, envelope: Envelope, claims: AccessClaims
     try:
         async for chunk in body:
             parser.write(chunk)
-            await state.drain()
-            await session.flush()  # sealed segments go to the database as they are made
+            state.drain()
         parser.finalize()
     except MultipartParseError:
         raise InvalidRequest("The multipart body is malformed.") from None
-    await state.drain()
-    await state.finish()
-    audit.record(session, Action.CREATE_ATTACHMENT, resource_type="attachment",
-                 resource_id=row_id, patient_id=patient_id,
-                 metadata={"size": state.size, "content_type": attachment.content_type,
-                           **basis_metadata(basis)})
-    return AttachmentView(id=row_id, patient_id=patient_id, uploader_id=claims.user_id,
-                          filename=state.filename or "", content_type=attachment.content_type,
-                          size=state.size, created_at=attachment.created_at)
+    state.drain()
 
 
 async def _view(session: AsyncSession, envelope: Envelope, row: Attachment) -> AttachmentView:

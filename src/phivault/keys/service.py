@@ -81,7 +81,13 @@ def forget_new_keys(session: AsyncSession) -> None:
 def new_row_cipher(session: AsyncSession, envelope: Envelope, table: str,
                    row_id: uuid.UUID) -> RowCipher:
     """Create the data key of a new row (added to `session`) and a cipher for its values."""
-    key = envelope.new_data_key(uuid.uuid4())
+    return add_row_cipher(session, envelope, envelope.new_data_key(uuid.uuid4()), table, row_id)
+
+
+def add_row_cipher(session: AsyncSession, envelope: Envelope, key: DataKey, table: str,
+                   row_id: uuid.UUID) -> RowCipher:
+    """`new_row_cipher` for a key made earlier (an upload seals its body before its
+    transaction begins)."""
     session.add(DataKeyRow(id=key.id, kek_id=key.kek_id, wrapped=key.wrapped,
                            created_at=utcnow()))
     session.info.setdefault(_NEW_KEYS, {})[key.id] = key

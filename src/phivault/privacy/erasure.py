@@ -91,7 +91,10 @@ async def erase(session: AsyncSession, envelope: Envelope, user_id: uuid.UUID) -
     # The user's row is locked first: a concurrent login, consent change, booking, payment or
     # rectification share-locks it (`auth.service.lock_active_user`), so it waits and then sees
     # the account deleted.
-    user = (await session.execute(select(User).where(User.id == user_id).with_for_update())
+    # `populate_existing`: the caller may have read the row in an earlier transaction (the
+    # password check, `db/phases.py`); what counts is the row as locked now.
+    user = (await session.execute(select(User).where(User.id == user_id).with_for_update()
+                                  .execution_options(populate_existing=True))
             ).scalar_one_or_none()
     if user is None:
         raise NotFound()
@@ -113,7 +116,8 @@ async def erase(session: AsyncSession, envelope: Envelope, user_id: uuid.UUID) -
     user.status = "deleted"
     user.deleted_at = user.deleted_at or now
 
-    profile = await session.get(PatientProfile, user_id, with_for_update=True)
+    profile = await session.get(PatientProfile, user_id, with_for_update=True,
+                                populate_existing=True)
     if profile is not None and not already:
         shredded.add(await _cut_profile(session, envelope, profile))
 

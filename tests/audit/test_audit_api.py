@@ -4,6 +4,7 @@ only auditors read (issue 8, items 3 and 7)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import uuid
@@ -350,3 +351,27 @@ async def test_a_time_beyond_utc_is_a_422_naming_its_field(
     assert [(f["field"], f["problem"]) for f in body["fields"]] == [
         (f"query.{field}", "Value error, must be a time between 0001-01-01 and 9999-12-31 "
                            "in UTC")]
+
+
+async def test_one_verification_at_a_time(client: httpx.AsyncClient, runtime: Runtime,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """On PostgreSQL a verification runs a process per core: a second one asked meanwhile is
+    refused at once instead of multiplying them."""
+    auditor = await signed_in(runtime, "auditor")
+    running, release = asyncio.Event(), asyncio.Event()
+    real = audit.verify_snapshot
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        running.set()
+        await release.wait()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(audit, "verify_snapshot", held)
+    first = asyncio.create_task(client.get(f"{API}/audit/verify", headers=auditor.headers))
+    await asyncio.wait_for(running.wait(), 10)
+    second = await client.get(f"{API}/audit/verify", headers=auditor.headers)
+    assert second.status_code == 429 and second.json()["error"] == "rate_limited"
+    assert int(second.headers["Retry-After"]) > 0
+    release.set()
+    assert (await first).json()["ok"] is True
+    assert (await client.get(f"{API}/audit/verify", headers=auditor.headers)).status_code == 200

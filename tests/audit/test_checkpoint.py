@@ -19,6 +19,7 @@ from sqlalchemy import select
 from phivault.audit import service
 from phivault.audit.chain import GENESIS_HASH
 from phivault.audit.checkpoint import (
+    ChainBroken,
     Checkpoint,
     CheckpointFormatError,
     check_signature,
@@ -43,8 +44,8 @@ async def signed_chain(fresh_runtime: Callable[..., Any]) -> tuple[Runtime, Chec
     rt: Runtime = await fresh_runtime(
         audit_signing_key=generate_key_line(KeyKind.AUDIT_SIGNING))
     await write_chain(rt, 30)
-    checkpoint = await take_checkpoint(rt.sessions, rt.settings.checkpoint_signer,
-                                       rt.sequencer, at=AT)
+    checkpoint, _ = await take_checkpoint(rt.sessions, rt.settings.checkpoint_signer,
+                                          rt.audit_key, rt.sequencer, at=AT)
     await write_chain(rt, 10)
     return rt, checkpoint
 
@@ -123,6 +124,30 @@ async def test_a_truncated_tail_is_found_against_a_checkpoint(
 
 
 @pytest.mark.tampers
+async def test_a_broken_chain_is_never_signed(signed_chain: tuple[Runtime, Checkpoint]) -> None:
+    """A checkpoint vouches for everything up to its head: taken after a tamper, it would
+    bless it. So the chain is verified first (whole, or after the previous checkpoint), and
+    the head signed is the one that verification checked."""
+    rt, first = signed_chain
+    signer = rt.settings.checkpoint_signer
+    assert signer is not None
+    second, result = await take_checkpoint(rt.sessions, signer, rt.audit_key,
+                                           after=first.anchor)
+    assert (second.seq, result.events, result.ok) == (40, 10, True)
+    await tamper(rt, "UPDATE audit_events SET ip = '198.51.100.9' WHERE seq = 35")
+    with pytest.raises(ChainBroken) as broken:
+        await take_checkpoint(rt.sessions, signer, rt.audit_key, after=first.anchor)
+    assert broken.value.result.first_bad_seq == 35
+    with pytest.raises(ChainBroken):
+        await take_checkpoint(rt.sessions, signer, rt.audit_key)
+    # An edit before the previous checkpoint is the whole chain's to find, not the increment's.
+    await tamper(rt, "UPDATE audit_events SET ip = '198.51.100.8' WHERE seq = 12")
+    with pytest.raises(ChainBroken) as broken:
+        await take_checkpoint(rt.sessions, signer, rt.audit_key)
+    assert broken.value.result.first_bad_seq == 12
+
+
+@pytest.mark.tampers
 async def test_a_chain_rewritten_from_before_the_checkpoint_is_found(
         fresh_runtime: Callable[..., Any]) -> None:
     """Someone with the audit key rewrites the chain (valid MACs throughout): the signed head
@@ -130,7 +155,8 @@ async def test_a_chain_rewritten_from_before_the_checkpoint_is_found(
     rt: Runtime = await fresh_runtime(
         audit_signing_key=generate_key_line(KeyKind.AUDIT_SIGNING))
     await write_chain(rt, 5)
-    checkpoint = await take_checkpoint(rt.sessions, rt.settings.checkpoint_signer)
+    checkpoint, _ = await take_checkpoint(rt.sessions, rt.settings.checkpoint_signer,
+                                          rt.audit_key)
     await tamper(rt, "DELETE FROM audit_events")
     await tamper(rt, "UPDATE audit_head SET seq = 0, hash = :genesis", genesis=GENESIS_HASH)
     await write_chain(rt, 8)  # a different, valid chain
@@ -142,7 +168,8 @@ async def test_a_chain_rewritten_from_before_the_checkpoint_is_found(
 async def test_a_checkpoint_of_the_empty_chain(fresh_runtime: Callable[..., Any]) -> None:
     rt: Runtime = await fresh_runtime(
         audit_signing_key=generate_key_line(KeyKind.AUDIT_SIGNING))
-    checkpoint = await take_checkpoint(rt.sessions, rt.settings.checkpoint_signer)
+    checkpoint, _ = await take_checkpoint(rt.sessions, rt.settings.checkpoint_signer,
+                                          rt.audit_key)
     assert (checkpoint.seq, checkpoint.hash) == (0, GENESIS_HASH)
     await write_chain(rt, 3)
     assert await _verify(rt, checkpoint) == (True, 3, None)

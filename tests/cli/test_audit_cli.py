@@ -77,6 +77,28 @@ async def test_checkpoint_then_verify_from_it(
 
 
 @pytest.mark.tampers
+async def test_a_broken_chain_gets_no_checkpoint(
+        instance: tuple[Runtime, dict[str, str], Path], tmp_path: Path) -> None:
+    rt, env, path = instance
+    later = tmp_path / "later.json"
+    made = run_cli("audit", "checkpoint", "--after", str(path), "--out", str(later), env=env)
+    assert made.returncode == 0, made.stderr
+    assert json.loads(later.read_text())["seq"] == 21  # the first checkpoint's event
+    await tamper(rt, "UPDATE audit_events SET ip = '198.51.100.9' WHERE seq = 7")
+    refused = run_cli("audit", "checkpoint", env=env)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr == ("phivault: audit chain BROKEN at seq 7: no checkpoint signed "
+                              "(run `phivault audit verify` for the details)\n")
+    # With --after, only what follows the previous checkpoint is verified: seq 7 is before it.
+    assert run_cli("audit", "checkpoint", "--after", str(later), env=env).returncode == 0
+    async with rt.sessions() as session:
+        outcomes = (await session.execute(
+            select(AuditEvent.outcome).where(AuditEvent.action == "AUDIT_CHECKPOINT")
+            .order_by(AuditEvent.seq))).scalars().all()
+    assert outcomes == ["success", "success", "error", "success"]
+
+
+@pytest.mark.tampers
 async def test_a_truncated_tail_fails_against_the_checkpoint(
         instance: tuple[Runtime, dict[str, str], Path]) -> None:
     rt, env, path = instance

@@ -3,6 +3,7 @@ access log (`/me/access-log`)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -14,7 +15,7 @@ from phivault.audit import access_log, search, service
 from phivault.audit.actions import Action
 from phivault.audit.schemas import AccessLogEntry, AuditEventView, AuditSearch
 from phivault.auth.tokens import AccessClaims
-from phivault.errors import InvalidRequest
+from phivault.errors import InvalidRequest, RateLimited
 from phivault.web.dependencies import RuntimeDep, SessionDep
 from phivault.web.errors import responses
 from phivault.web.pagination import PageDep
@@ -73,19 +74,37 @@ class VerifyAnswer(BaseModel):
     queue_stale: int
 
 
-@router.get("/verify", summary="Verify the audit chain", responses=responses(401, 403))
+def _verification_gate(request: Request) -> asyncio.Lock:
+    """One verification at a time per server process: on PostgreSQL each one runs a process
+    per core and a connection each, so auditors (or a stolen auditor token) asking at once
+    would otherwise multiply them. A second request answers 429 at once, holding nothing."""
+    gate: asyncio.Lock | None = getattr(request.app.state, "verification_gate", None)
+    if gate is None:
+        gate = request.app.state.verification_gate = asyncio.Lock()
+    return gate
+
+
+@router.get("/verify", summary="Verify the audit chain",
+            responses=responses(401, 403, 429))
 async def verify_chain(
     _: Annotated[AccessClaims, Depends(Allow(Role.AUDITOR))],
+    request: Request,
     runtime: RuntimeDep,
     session: SessionDep,
 ) -> VerifyAnswer:
     """Recompute the HMAC chain over every event (SPEC §8). Auditor only.
 
     `first_bad_seq` is the first `seq` at which an event was changed, removed, inserted or
-    reordered, or null when the chain holds. The check itself is audited.
+    reordered, or null when the chain holds. The check itself is audited. One verification
+    runs at a time per server process; another asked meanwhile answers 429 `rate_limited`
+    with `Retry-After`.
     """
-    result = await service.verify_snapshot(runtime.sessions, runtime.audit_key,
-                                            runtime.sequencer, runtime.queue_key)
+    gate = _verification_gate(request)
+    if gate.locked():
+        raise RateLimited(10, "A verification is already running; try again when it ends.")
+    async with gate:
+        result = await service.verify_snapshot(runtime.sessions, runtime.audit_key,
+                                                runtime.sequencer, runtime.queue_key)
     service.record(session, Action.VERIFY_AUDIT_CHAIN,
                    metadata={"ok": result.ok, "events": result.events,
                              "first_bad_seq": result.first_bad_seq})

@@ -107,6 +107,9 @@ class VerifyResult:
     first_bad_seq: int | None
     queue_tampered: tuple[int, ...] = ()
     queue_stale: int = 0
+    # The stored head the chain was checked against (what a checkpoint signs).
+    head_seq: int = 0
+    head_hash: bytes = GENESIS_HASH
 
     def as_dict(self) -> dict[str, Any]:
         """The three fields of SPEC §12's `--json` answer."""

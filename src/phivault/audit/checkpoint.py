@@ -3,8 +3,9 @@
 A chain alone cannot show that its newest events were cut off: the head moves back with them.
 A checkpoint is the head (`seq`, `hash`) and the time it was taken (`at`), signed with Ed25519
 (`PHIVAULT_AUDIT_SIGNING_KEY`, public key at `/.well-known/audit-key.json`), for the operator
-to keep elsewhere. `phivault audit verify --checkpoint FILE` checks the signature, proves that
-the event at `seq` still has that `hash`, and verifies only the events after it.
+to keep elsewhere; only a chain that verifies is signed. `phivault audit verify --checkpoint
+FILE` checks the signature, proves that the event at `seq` still has that `hash`, and verifies
+only the events after it.
 
 The file is JSON: `{"seq": 41523, "hash": "<64 hex digits>", "at": "2026-12-03T07:15:30.000000Z",
 "key_id": "ck-...", "signature": "<base64url>"}`. The signature covers the other four fields as
@@ -19,20 +20,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from phivault.audit.chain import GENESIS_HASH, format_time
-from phivault.audit.models import AuditHead
+from phivault.audit.chain import VerifyResult, format_time
 from phivault.audit.sequencer import Sequencer
-from phivault.audit.verify import Anchor
+from phivault.audit.verify import Anchor, verify_chain
 from phivault.crypto.audit_signing import (
     CheckpointSigner,
     decode_signature,
     encode_signature,
 )
 from phivault.db.base import utcnow
-from phivault.db.engine import READ_ONLY
 
 _HASH_HEX = re.compile(r"[0-9a-f]{64}")
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
@@ -111,21 +109,37 @@ def check_signature(checkpoint: Checkpoint, signer: CheckpointSigner) -> Anchor:
     return checkpoint.anchor
 
 
+class ChainBroken(Exception):
+    """The chain does not verify, so its head is not signed; `result` says where."""
+
+    def __init__(self, result: VerifyResult) -> None:
+        super().__init__(f"the audit chain is broken at seq {result.first_bad_seq}")
+        self.result = result
+
+
 async def take_checkpoint(sessions: async_sessionmaker[AsyncSession], signer: CheckpointSigner,
-                          sequencer: Sequencer | None = None, *, at: datetime | None = None
-                          ) -> Checkpoint:
-    """Chain what is committed (with a `sequencer`), then sign the head as it stands."""
+                          key: bytes, sequencer: Sequencer | None = None, *,
+                          after: Anchor | None = None, at: datetime | None = None
+                          ) -> tuple[Checkpoint, VerifyResult]:
+    """Chain what is committed (with a `sequencer`), verify the chain, and sign the head that
+    verification checked, with the verification's result.
+
+    A signature vouches for everything up to the head, so a broken chain is never signed
+    (`ChainBroken`): a checkpoint taken after a tamper would otherwise bless it. The whole
+    chain is verified, or with `after` (a checkpoint already proven by its signature) only the
+    events after it, so that a nightly checkpoint costs what the day added."""
     if sequencer is not None:
         await sequencer.drain()
     async with sessions() as session:
         try:
-            await session.connection(execution_options={READ_ONLY: True})
-            head = (await session.execute(select(AuditHead.seq, AuditHead.hash)
-                                          .where(AuditHead.id == 1))).one_or_none()
+            result = await verify_chain(session, key, anchor=after)
         finally:
             await session.rollback()
-    seq, digest = (head.seq, head.hash) if head else (0, GENESIS_HASH)
+    if not result.ok:
+        raise ChainBroken(result)
+    seq, digest = result.head_seq, result.head_hash
     when = (at or utcnow()).astimezone(UTC)
     key_id = signer.key_id
-    return Checkpoint(seq, digest, when, key_id, signer.sign(signed_bytes(seq, digest, when,
-                                                                          key_id)))
+    signed = Checkpoint(seq, digest, when, key_id,
+                        signer.sign(signed_bytes(seq, digest, when, key_id)))
+    return signed, result

@@ -21,7 +21,7 @@ import os
 import sys
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import func, select
@@ -92,9 +92,11 @@ async def verify_chain(session: AsyncSession, key: bytes, *, anchor: Anchor | No
     head = (await connection.execute(_HEAD)).one_or_none()
     head_seq, head_hash = (head.seq, head.hash) if head else (0, GENESIS_HASH)
     if postgres:
-        return await _verify_postgres(connection, key, head_seq, head_hash, anchor,
-                                      processes, ranges)
-    return await _verify_rows(connection, key, head_seq, head_hash, anchor)
+        result = await _verify_postgres(connection, key, head_seq, head_hash, anchor,
+                                        processes, ranges)
+    else:
+        result = await _verify_rows(connection, key, head_seq, head_hash, anchor)
+    return replace(result, head_seq=head_seq, head_hash=head_hash)
 
 
 # SQLite (and any backend): rows in batches.

@@ -10,9 +10,10 @@ from typing import IO, Annotated
 import typer
 
 from phivault.audit import service
-from phivault.audit.actions import Action
+from phivault.audit.actions import Action, Outcome
 from phivault.audit.chain import VerifyResult
 from phivault.audit.checkpoint import (
+    ChainBroken,
     Checkpoint,
     CheckpointFormatError,
     check_signature,
@@ -108,10 +109,16 @@ def checkpoint(
     out: Annotated[Path | None, typer.Option(
         "--out", dir_okay=False, help="Write the checkpoint to this file instead of printing "
                                       "it.")] = None,
+    after: Annotated[Path | None, typer.Option(
+        "--after", exists=True, dir_okay=False, readable=True,
+        help="The previous checkpoint file: verify only the events after its head (which it "
+             "proves unchanged) instead of the whole chain.")] = None,
 ) -> None:
-    """Sign the chain's head with PHIVAULT_AUDIT_SIGNING_KEY (Ed25519).
+    """Verify the chain, then sign its head with PHIVAULT_AUDIT_SIGNING_KEY (Ed25519).
 
-    Chains every committed event first, then prints (or writes) JSON {seq, hash, at, key_id,
+    Chains every committed event first and verifies the chain (the whole of it, or with
+    --after only what follows the previous checkpoint); a broken chain is never signed: it
+    exits 1 naming the first bad seq. Then prints (or writes) JSON {seq, hash, at, key_id,
     signature}: hash in hex, at the UTC time the checkpoint was taken, signature base64url
     over the other four fields as canonical JSON. Keep it outside the database: `phivault
     audit verify --checkpoint FILE` then proves that head unchanged and verifies only the
@@ -122,23 +129,34 @@ def checkpoint(
         signer = settings.require_checkpoint_signer()
     except ConfigError as exc:
         fail(str(exc), 2)
+    anchor = _checked_anchor(after, settings) if after is not None else None
 
-    async def work(runtime: Runtime) -> Checkpoint:
-        signed = await take_checkpoint(runtime.sessions, signer, runtime.sequencer)
+    async def work(runtime: Runtime) -> Checkpoint | VerifyResult:
+        try:
+            signed, result = await take_checkpoint(runtime.sessions, signer, runtime.audit_key,
+                                                   runtime.sequencer, after=anchor)
+        except ChainBroken as broken:
+            signed, result = None, broken.result
         async with runtime.unit_of_work() as session:
-            service.record(session, Action.AUDIT_CHECKPOINT, resource_type="audit_chain",
-                           resource_id=str(signed.seq))
-        return signed
+            service.record(session, Action.AUDIT_CHECKPOINT,
+                           outcome=Outcome.SUCCESS if signed else Outcome.ERROR,
+                           resource_type="audit_chain", resource_id=str(result.head_seq),
+                           metadata={"ok": result.ok, "events": result.events,
+                                     "first_bad_seq": result.first_bad_seq})
+        return signed or result
 
-    signed = run_with_runtime("audit-checkpoint", work, settings)
+    made = run_with_runtime("audit-checkpoint", work, settings)
+    if isinstance(made, VerifyResult):
+        fail(f"audit chain BROKEN at seq {made.first_bad_seq}: no checkpoint signed "
+             "(run `phivault audit verify` for the details)")
     if out is None:
-        typer.echo(signed.dumps(), nl=False)
+        typer.echo(made.dumps(), nl=False)
         return
     try:
-        out.write_text(signed.dumps(), encoding="utf-8")
+        out.write_text(made.dumps(), encoding="utf-8")
     except OSError as exc:
         fail(f"cannot write {out} ({exc.strerror or type(exc).__name__})")
-    typer.echo(f"checkpoint of the head at seq {signed.seq} written to {out}")
+    typer.echo(f"checkpoint of the head at seq {made.seq} written to {out}")
 
 
 def _aware_time(value: str | None, option: str) -> datetime | None:

@@ -16,13 +16,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 from limits import RateLimitItem, parse
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from phivault.crypto import KeyFormatError
 from phivault.crypto.audit_signing import CheckpointSigner, parse_audit_signing_keys
@@ -30,6 +39,8 @@ from phivault.crypto.envelope import MasterKeyRing
 from phivault.crypto.keys import decode_key, is_dev_key, parse_key_ring
 from phivault.crypto.signing import SigningKey, parse_jwt_keys
 from phivault.crypto.tls import certificate_problem, is_self_signed_localhost
+from phivault.db.tls import postgres_tls_problem
+from phivault.ops.redis_client import redis_url_problem
 from phivault.ops.smtp import SmtpTarget
 
 ENV_PREFIX = "PHIVAULT_"
@@ -168,10 +179,20 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _check_database_url(cls, value: SecretStr) -> SecretStr:
+    def _check_database_url(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
         url = value.get_secret_value()
         if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        if url.startswith("postgresql+asyncpg://"):
+            try:
+                parsed = make_url(url)
+            except (ArgumentError, ValueError):
+                raise ValueError("is not a valid URL") from None
+            # TLS to the database (db/tls.py): files readable, and verify-full across a network
+            # in prod.
+            problem = postgres_tls_problem(parsed, prod=info.data.get("env") == "prod")
+            if problem:
+                raise ValueError(problem)
         return value
 
     @field_validator("master_keys")
@@ -230,10 +251,15 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().startswith(
-                ("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+    def _check_redis_url(cls, value: SecretStr | None, info: ValidationInfo
+                         ) -> SecretStr | None:
+        if value is not None:
+            # ops/redis_client.py: the URL's forms, TLS files readable, verified TLS across a
+            # network in prod.
+            problem = redis_url_problem(value.get_secret_value(),
+                                        prod=info.data.get("env") == "prod")
+            if problem:
+                raise ValueError(problem)
         return value
 
     @field_validator("smtp_url")

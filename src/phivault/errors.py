@@ -1,9 +1,19 @@
 """Domain errors: what services raise. `web/errors.py` maps each to one status and error code.
 
 A domain error's message is a fixed human sentence, never built from user input or PHI.
+
+One of them is not raised by a service but by the unit of work: `Unavailable`, for work that
+failed because the database could not be reached. `database_unavailable` is the one place that
+says which failures those are (see its docstring); the unit of work turns them into
+`Unavailable`, and `web/errors.py` answers it with a 503 and `Retry-After`.
 """
 
 from __future__ import annotations
+
+import socket
+import sqlite3
+
+from sqlalchemy import exc as sa
 
 
 class PhivaultError(Exception):
@@ -123,3 +133,65 @@ class PayloadTooLarge(PhivaultError):
 class UnsupportedMedia(PhivaultError):
     code = "unsupported_media_type"
     detail = "Attachments must be PDF, PNG, JPEG or DICOM, and their content must match."
+
+
+class Unavailable(PhivaultError):
+    """The database could not be reached: the work was not done (or, when the connection was lost
+    during its COMMIT, was done whole or not at all, with its audit events), and may be tried
+    again after `retry_after` seconds."""
+
+    code = "unavailable"
+    detail = "The database is unavailable right now; try again shortly."
+    retry_after = 5
+
+
+# SQLSTATEs of a database that is gone for now, not of a bad request: class 08 (connection
+# exceptions: lost, refused, rejected, protocol), 57P01-57P03 (terminated by an administrator's
+# shutdown, by a crash, or the server is starting up or shutting down), 53300 (no connection
+# slot left). A dropped database (57P04), a full disk or a wrong password are not outages that
+# pass by themselves: they stay 500s.
+_OUTAGE_SQLSTATE_CLASSES = ("08",)
+_OUTAGE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+# SQLite's SQLITE_BUSY and SQLITE_LOCKED ("database is locked"): still locked after the busy
+# timeout (db/engine.py), by another process's long write.
+_SQLITE_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Whether `error` means the database cannot be reached now, not that the work was wrong.
+
+    Yes for: a DBAPI error SQLAlchemy found to be a disconnect (`connection_invalidated`: the
+    connection died under the work, the server stopped or restarted); a pool checkout that
+    timed out, or a connection the pool could not revive; a connection refused, reset, timed
+    out or whose host name does not resolve (asyncpg raises these from `connect` unwrapped);
+    the SQLSTATEs above, wrapped or not; SQLite's "database is locked". Everything else (an
+    integrity violation, a syntax error, a bad password in the URL) is not an outage and keeps
+    its own answer.
+    """
+    seen = 0
+    current: BaseException | None = error
+    while current is not None and seen < 4:
+        seen += 1
+        if isinstance(current, sa.DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, sa.TimeoutError | sa.DisconnectionError):
+            return True
+        if isinstance(current, ConnectionError | TimeoutError | socket.gaierror):
+            return True
+        sqlstate = getattr(current, "sqlstate", None)
+        if isinstance(sqlstate, str) and (sqlstate in _OUTAGE_SQLSTATES
+                                          or sqlstate.startswith(_OUTAGE_SQLSTATE_CLASSES)):
+            return True
+        code = getattr(current, "sqlite_errorcode", None)
+        if isinstance(current, sqlite3.OperationalError) and isinstance(code, int) \
+                and (code & 0xFF) in _SQLITE_BUSY_CODES:
+            return True
+        # SQLAlchemy wraps the driver's error (`orig`), and its asyncpg adapter chains
+        # asyncpg's own (`__cause__`); no other link is followed.
+        if isinstance(current, sa.DBAPIError):
+            current = current.orig
+        elif type(current).__module__.startswith("sqlalchemy."):
+            current = current.__cause__
+        else:
+            current = None
+    return False

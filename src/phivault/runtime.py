@@ -32,7 +32,7 @@ from phivault.crypto.blind_index import BlindIndex
 from phivault.crypto.envelope import Envelope
 from phivault.crypto.keys import derive_key
 from phivault.db.engine import create_engine, create_sessionmaker
-from phivault.errors import PhivaultError
+from phivault.errors import PhivaultError, Unavailable, database_unavailable
 from phivault.keys.service import forget_new_keys
 from phivault.observability import get_logger
 
@@ -61,6 +61,9 @@ class Runtime:
     reason_mac: ReasonMac
     sequencer: Sequencer
     chain_after_commit: bool
+    # Units of work failed by an outage since the last commit (logged at the first, see
+    # `unit_of_work`).
+    _outage_failures: int = field(default=0, init=False, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, pool_size: int | None = None,
@@ -128,6 +131,14 @@ class Runtime:
         authentication adds an `INTEGRITY_FAILURE` event, before the exception goes on. A
         domain error marked `keeps_work` is the outcome of work that must stand (a reused
         refresh token revokes its family): that work commits, then the error goes on.
+
+        Work that failed because the database cannot be reached (down, restarting, refusing,
+        its pool exhausted: `errors.database_unavailable`) raises `Unavailable` from the
+        driver's error, which the web layer answers 503 `unavailable`; so does work whose
+        durable events could not be written for that reason. A COMMIT cut off by the outage
+        is in doubt: PostgreSQL applied it whole, with its audit events, or not at all. The
+        first such failure after a success is logged once (`database_unavailable`), and the
+        first success after it (`database_available`), not every request in between.
         """
         session = self.sessions()
         try:
@@ -147,8 +158,29 @@ class Runtime:
             except BaseException as exc:
                 await self._roll_back(session, exc)
                 raise
+        except Exception as exc:
+            if isinstance(exc, PhivaultError) or not database_unavailable(exc):
+                raise
+            self._outage_began(exc)
+            raise Unavailable() from exc
         finally:
-            await session.close()
+            try:
+                await session.close()
+            except Exception as failure:
+                # A connection that died after its work ended: nothing of the work is left
+                # open on it, and the pool replaces it.
+                if not database_unavailable(failure):
+                    raise
+
+    def _outage_began(self, exc: BaseException) -> None:
+        self._outage_failures += 1
+        if self._outage_failures == 1:
+            log.warning("database_unavailable", error=type(exc).__name__)
+
+    def _outage_ended(self) -> None:
+        if self._outage_failures:
+            log.warning("database_available", failed_units_of_work=self._outage_failures)
+            self._outage_failures = 0
 
     async def _commit(self, session: AsyncSession) -> None:
         events = audit_service.take_pending(session)
@@ -159,6 +191,7 @@ class Runtime:
         except BaseException:
             audit_service.requeue(session, events)  # so that the durable ones survive
             raise
+        self._outage_ended()
         await self.session_cache.committed(session)
         if events:
             await self._queued()
@@ -176,7 +209,13 @@ class Runtime:
             log.warning("audit_chain_after_commit_failed", error=type(exc).__name__)
 
     async def _roll_back(self, session: AsyncSession, exc: BaseException) -> None:
-        await session.rollback()
+        try:
+            await session.rollback()
+        except Exception as failure:
+            # The connection was lost, and its transaction with it (the server rolls back a
+            # transaction whose connection ends): nothing is left to roll back.
+            if not database_unavailable(failure):
+                raise
         forget_new_keys(session)
         self.session_cache.rolled_back(session)
         durable = audit_service.take_pending(session, durable_only=True)
@@ -184,7 +223,20 @@ class Runtime:
             audit_service.record(session, Action.INTEGRITY_FAILURE, outcome=Outcome.ERROR)
             durable += audit_service.take_pending(session)
         if durable and isinstance(exc, Exception):
-            await self._append_alone(durable)
+            try:
+                await self._append_alone(durable)
+            except Exception as failure:
+                if not database_unavailable(failure):
+                    raise
+                # Tried once (a connection lost to a restart may work again at once): with
+                # the database still away, the events are lost, and said so here. When the
+                # work itself failed for that outage, its error goes on; otherwise the
+                # unwritten evidence fails the request, as a failed commit does.
+                log.warning("audit_events_not_written", count=len(durable),
+                            actions=sorted({str(event.action) for event in durable}),
+                            error=type(failure).__name__)
+                if not database_unavailable(exc):
+                    raise
 
     async def _append_alone(self, events: list[audit_service.PendingEvent]) -> None:
         async with self.sessions() as session:

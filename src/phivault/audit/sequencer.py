@@ -20,6 +20,14 @@ A queued event whose MAC does not match (edited, forged, unparseable), or a repl
 event already chained, is never chained (laundering it into the chain would give the edit a valid
 hash): it moves, as found, into the append-only `audit_queue_rejected`, where `verify` reports
 it, and no such poison row can stall the sequencer.
+
+A database outage stops nothing for good: the background loop logs the error
+(`audit_sequencer_error`, with how many failed in a row) and tries again after a pause that
+doubles from `RETRY_SECONDS` to `RETRY_MAX_SECONDS`, so a database that is down for an hour
+costs a dozen log lines a minute, not a traceback a second; the first batch that works logs
+`audit_sequencer_recovered`. A batch cut off by the outage was one transaction, rolled back
+whole, so the events it had taken are still queued, and are chained, once each, when the
+database is back. `stop` with the database away leaves what is queued for the next sequencer.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from phivault.audit.chain import canonical_fields, chain_hash, queue_mac
 from phivault.audit.models import AuditEvent, AuditHead, QueuedEvent, RejectedEvent
 from phivault.db.base import core_table, utcnow
 from phivault.db.engine import READ_ONLY
+from phivault.errors import database_unavailable
 from phivault.observability import get_logger
 
 BATCH = 2000
@@ -53,6 +62,10 @@ POLL_SECONDS = 0.2
 GATHER_SECONDS = 0.02
 # The longest an event may wait in the queue under load (SPEC §8's maximum merge delay).
 MAX_MERGE_DELAY_SECONDS = 1.0
+# After a failed batch (the database away), the loop waits this long before trying again,
+# doubling with each failure in a row up to `RETRY_MAX_SECONDS`.
+RETRY_SECONDS = 0.5
+RETRY_MAX_SECONDS = 5.0
 
 _EVENTS = core_table(AuditEvent)
 _HEAD = core_table(AuditHead)
@@ -139,6 +152,7 @@ class Sequencer:
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self.restarts = 0  # background loops that died and were started again
+        self.failures = 0  # the background loop's failed tries in a row (an outage)
         # Readers' drains in this process share one flush at a time (see `drain`).
         self._drain_lock = asyncio.Lock()
         self._drain_tickets = 0
@@ -319,7 +333,18 @@ class Sequencer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.flush()
+        try:
+            await self.flush()
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
+            # Committed events wait in the queue for the next sequencer, in any process.
+            log.warning("audit_sequencer_stopped_unflushed", error=type(exc).__name__)
+
+    def _recovered(self) -> None:
+        if self.failures:
+            log.warning("audit_sequencer_recovered", failures=self.failures)
+            self.failures = 0
 
     async def run_forever(self) -> None:
         """Chain batches while there is work, in this process's background.
@@ -330,7 +355,8 @@ class Sequencer:
         process holds the lock it waits `POLL_SECONDS` before trying again, ignoring wake-ups,
         so the processes that are not sequencing cost the database a try every poll, not one
         per request. A database error (an outage, a failover) is logged and retried after a
-        pause: the events stay queued and nothing is lost.
+        pause that grows while it lasts (the module's docstring): the events stay queued and
+        nothing is lost.
         """
         while True:
             try:
@@ -339,15 +365,23 @@ class Sequencer:
             except TimeoutError:
                 woken = False
             self._wake.clear()
+            chained: int | None = None
             try:
-                if not woken and not await self._queue_has_events():
-                    continue
-                chained = await self.sequence_batch()
-                while chained == BATCH:
+                busy = woken or await self._queue_has_events()
+                if busy:
                     chained = await self.sequence_batch()
-                await asyncio.sleep(POLL_SECONDS if chained is None else GATHER_SECONDS)
+                    self._recovered()  # at the first batch that works, not after the backlog
+                    while chained == BATCH:
+                        chained = await self.sequence_batch()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep sequencing after an outage
-                log.warning("audit_sequencer_error", error=type(exc).__name__)
-                await asyncio.sleep(POLL_SECONDS * 5)
+                self.failures += 1
+                pause = min(RETRY_MAX_SECONDS, RETRY_SECONDS * 2 ** min(self.failures - 1, 8))
+                log.warning("audit_sequencer_error", error=type(exc).__name__,
+                            failures=self.failures, retry_in_seconds=pause)
+                await asyncio.sleep(pause)
+                continue
+            self._recovered()
+            if busy:
+                await asyncio.sleep(POLL_SECONDS if chained is None else GATHER_SECONDS)

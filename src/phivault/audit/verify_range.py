@@ -41,6 +41,7 @@ import asyncpg  # type: ignore[import-untyped]  # no stubs; one call each way
 import orjson
 
 from phivault.audit.chain import GENESIS_HASH, canonical_fields
+from phivault.db.tls import asyncpg_options
 
 # The columns, in the order the fast path reads them: the metadata, the two hashes, then the
 # fields in the canonical JSON's (sorted) key order.
@@ -369,7 +370,7 @@ async def _serve(header: dict[str, Any]) -> None:
     if not re.fullmatch(r"[0-9A-F]+-[0-9A-F]+(-[0-9]+)?", header["snapshot"]):
         raise ValueError("not a snapshot id")
     key = base64.b64decode(header["key"])
-    connection = await asyncpg.connect(**header["connect"])
+    connection = await asyncpg.connect(**asyncpg_options(header["connect"]))
     try:
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             await connection.execute(f"SET TRANSACTION SNAPSHOT '{header['snapshot']}'")

@@ -15,6 +15,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 
 from phivault.audit.flood import RefusalBound, client_network
 from phivault.errors import AccountLockedOut, RateLimited
+from phivault.ops.redis_client import redis_options
 
 
 class AuthLimits:
@@ -23,7 +24,7 @@ class AuthLimits:
         storage: Storage
         if redis_url:
             storage = RedisStorage(f"async+{redis_url}", implementation="redispy",
-                                   key_prefix=prefix)
+                                   key_prefix=prefix, **redis_options(redis_url))
         else:
             storage = MemoryStorage()
         self._storage = storage

@@ -119,6 +119,11 @@ class Authenticator:
                          else "bad_password" if not valid else "inactive")
         rehashed = (await self.passwords.hash(password)
                     if stored is not None and self.passwords.needs_rehash(stored) else None)
+        # The row was read before the (slow) hash: an erasure, a disabling, a password change
+        # or TOTP being switched on that committed meanwhile must win, so the row is locked and
+        # read again now, before anything below decides on it.
+        if not await lock_active_user(session, user.id, password_hash=stored):
+            self._failed(session, user, "inactive")
         if user.totp_enabled:
             if totp_code is None:
                 # The password was right: this attempt is no failure.
@@ -132,10 +137,6 @@ class Authenticator:
             step = mfa.matching_step(secret, totp_code, after_step=user.totp_last_step)
             if step is None or not await _claim_totp_step(session, user.id, step):
                 self._failed(session, user, "bad_totp")
-        # The password was read before the (slow) hash: an erasure, a disabling or a password
-        # change that committed meanwhile must win, so the row is locked and read again now.
-        if not await lock_active_user(session, user.id, password_hash=stored):
-            self._failed(session, user, "inactive")
         await self.limits.attempt_succeeded(account)
         if rehashed is not None:
             user.password_hash = rehashed
@@ -415,17 +416,32 @@ async def lock_active_user(session: AsyncSession, user_id: uuid.UUID, *,
     sees the account gone: its request checked the account at its start, which is not enough
     (an outside review made erased accounts' consents and bookings come back that way). SQLite
     needs no lock: every writing transaction there begins IMMEDIATE, one at a time."""
-    row = (await session.execute(select(User.status, User.password_hash)
-                                 .where(User.id == user_id)
-                                 .with_for_update(read=True))).one_or_none()
-    if row is None or row.status != "active":
+    # `populate_existing`: a `User` the caller read earlier (before a hash run outside the
+    # transaction, `db/phases.py`) now shows the row as locked.
+    user = (await session.execute(select(User).where(User.id == user_id)
+                                  .with_for_update(read=True)
+                                  .execution_options(populate_existing=True))
+            ).scalar_one_or_none()
+    if user is None or user.status != "active":
         return False
-    return password_hash is None or row.password_hash == password_hash
+    return password_hash is None or user.password_hash == password_hash
 
 
 async def require_active_user(session: AsyncSession, user_id: uuid.UUID) -> None:
     """`lock_active_user`, or `InvalidToken`: the caller's account has just gone."""
     if not await lock_active_user(session, user_id):
+        raise InvalidToken()
+
+
+async def require_live_session(session: AsyncSession, claims: AccessClaims) -> None:
+    """The caller's account still active (share-locked, as `require_active_user`) and their
+    session still live, read now, past every cache: for a write made long after the request's
+    own check (an upload whose body took minutes), which a revocation, a disabling or an
+    erasure that committed meanwhile must stop."""
+    await require_active_user(session, claims.user_id)
+    row = (await session.execute(_SESSION_STATE, {
+        "session_id": claims.session_id, "user_id": claims.user_id})).one_or_none()
+    if row is None or row.revoked_at is not None or utcnow() >= row.expires_at:
         raise InvalidToken()
 
 
@@ -448,4 +464,5 @@ async def revoke_sessions(session: AsyncSession, *where: object) -> int:
 
 
 __all__ = ["Authenticator", "IssuedTokens", "email_lookup", "lock_active_user",
-           "new_opaque_token", "require_active_user", "revoke_sessions", "token_digest"]
+           "new_opaque_token", "require_active_user", "require_live_session", "revoke_sessions",
+           "token_digest"]

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from phivault.observability import get_logger
+from phivault.ops.redis_client import redis_client
 
 # `Session.info` keys: the cache of the runtime the session belongs to, and the users whose
 # sessions the session's transaction revoked (published once it commits).
@@ -136,7 +137,7 @@ class SessionCache:
             return
         try:
             if self._publisher is None:
-                self._publisher = aioredis.Redis.from_url(
+                self._publisher = redis_client(
                     self._redis_url, socket_connect_timeout=PUBLISH_TIMEOUT_SECONDS,
                     socket_timeout=PUBLISH_TIMEOUT_SECONDS)
             payload = ",".join(sorted(user.hex for user in users))
@@ -171,8 +172,7 @@ class SessionCache:
     async def _subscribe_forever(self) -> None:
         assert self._redis_url is not None  # noqa: S101 - `start` checked it
         while True:
-            client = aioredis.Redis.from_url(self._redis_url,
-                                             health_check_interval=HEALTH_CHECK_SECONDS)
+            client = redis_client(self._redis_url, health_check_interval=HEALTH_CHECK_SECONDS)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)

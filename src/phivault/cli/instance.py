@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import ipaddress
 import os
 import signal
 import ssl
@@ -19,6 +18,7 @@ from phivault.crypto.keys import KeyKind, generate_key_line
 from phivault.crypto.tls import server_ssl_context, write_self_signed_certificate
 from phivault.db import migrate as migrations
 from phivault.observability import configure_logging
+from phivault.ops.addresses import is_loopback
 from phivault.runtime import Runtime
 from phivault.web.protocol import DeadlineH11Protocol
 from phivault.web.server import DRAIN_TIMEOUT, PhivaultServer
@@ -136,7 +136,7 @@ def serve(
         settings.check_serving()
     except ConfigError as exc:
         fail(str(exc), 2)
-    if settings.behind_proxy and not _is_loopback(host):
+    if settings.behind_proxy and not is_loopback(host):
         fail("PHIVAULT_BEHIND_PROXY=true serves plain HTTP and binds loopback only; "
              f"--host {host} is not a loopback address", 2)
     configure_logging(settings.log_level)
@@ -177,10 +177,3 @@ def _tls13_context(cert: Path, key: Path, _config: object, _default: object) -> 
     return server_ssl_context(cert, key)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

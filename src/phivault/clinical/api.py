@@ -39,6 +39,7 @@ from phivault.errors import InvalidRequest
 from phivault.ops.mail import outbox_for
 from phivault.web.dependencies import RuntimeDep, SessionDep
 from phivault.web.errors import responses
+from phivault.web.gates import gate_of
 from phivault.web.pagination import PageDep
 
 router = APIRouter(tags=["clinical"])
@@ -229,15 +230,20 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 
 @router.post("/patients/{patient_id}/attachments", status_code=201,
-             responses=responses(401, 403, 404, 413, 415, 422), openapi_extra=UPLOAD_BODY,
+             responses=responses(401, 403, 404, 413, 415, 422, 429), openapi_extra=UPLOAD_BODY,
              summary="Upload an attachment")
 async def upload_attachment(patient_id: uuid.UUID, request: Request, claims: Party,
                             runtime: RuntimeDep, session: SessionDep) -> AttachmentView:
     """Multipart, one part named `file`, at most 25 MiB; its type is decided by its content
-    (and must match the part's declared type). Encrypted as it streams in."""
-    return await attachments.upload(session, runtime.envelope, claims, patient_id,
-                                    request.headers.get("content-type"), request.stream(),
-                                    care_days=runtime.settings.care_relationship_days)
+    (and must match the part's declared type). Encrypted as it streams in, and stored once
+    the whole body is in. At most two uploads at once per account (and 64 per server
+    process): beyond that, 429 `rate_limited` with `Retry-After`."""
+    gate = gate_of(request, "upload", attachments.UPLOADS_PER_PROCESS,
+                   attachments.UPLOADS_PER_ACCOUNT)
+    with gate.held(claims.user_id):
+        return await attachments.upload(session, runtime.envelope, claims, patient_id,
+                                        request.headers.get("content-type"), request.stream(),
+                                        care_days=runtime.settings.care_relationship_days)
 
 
 @router.get("/patients/{patient_id}/attachments", responses=CHART,

@@ -14,9 +14,12 @@ twenty such uploads drain PostgreSQL's pool). So an upload has three phases (`db
 the access check in a short read-only transaction, which refuses before a byte is read; the
 body, sealed as it arrives into a spool (memory up to `SPOOL_MEMORY`, then an unlinked temporary
 file: ciphertext only, under a data key that exists only in this process's memory until the
-last phase); then one short transaction that checks access again (a care relationship may have
-ended meanwhile), stores the key, the row and its segments, and records the event. A client
-that stops halfway, or a process that dies, leaves nothing behind in the database.
+last phase); then one short transaction that reads the caller's session and account again and
+checks access again (a revocation, an erasure or the end of a care relationship may have
+happened meanwhile), stores the key, the row and its segments, and records the event. A client
+that stops halfway, or a process that dies, leaves nothing behind in the database. What the
+spools hold is bounded by the API's upload gate: `UPLOADS_PER_ACCOUNT` at once per account and
+`UPLOADS_PER_PROCESS` per server process, beyond which an upload answers 429 at once.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from phivault.access.care import Basis, deny, require_chart_access
 from phivault.audit import service as audit
 from phivault.audit.actions import Action
+from phivault.auth.service import require_live_session
 from phivault.auth.tokens import AccessClaims
 from phivault.clinical.models import Attachment, AttachmentSegment
 from phivault.clinical.records import basis_metadata
@@ -55,7 +59,11 @@ SNIFF_BYTES = 132
 READ_BATCH = 16  # segment rows per query when reading (about 1 MiB)
 STORE_BYTES = 64 * 1024  # sealed bytes per `attachment_segments` row
 FLUSH_SEGMENTS = 32  # rows per INSERT round trip when storing (about 2 MiB)
-SPOOL_MEMORY = 1024 * 1024  # sealed bytes held in memory per upload before spooling to disk
+SPOOL_MEMORY = 128 * 1024  # sealed bytes held in memory per upload before spooling to disk
+# Uploads a server process receives at once, and per account (`web/gates.py`): each holds its
+# spool until its body is in.
+UPLOADS_PER_PROCESS = 64
+UPLOADS_PER_ACCOUNT = 2
 ALLOWED_TYPES = ("application/pdf", "image/png", "image/jpeg", "application/dicom")
 
 
@@ -193,7 +201,10 @@ async def upload(session: AsyncSession, envelope: Envelope, claims: AccessClaims
         state = _Upload(StreamSealer(data_key, TABLE, "content", row_id), spool)
         await _receive(state, boundary, body)  # no transaction open meanwhile
         filename = state.finish()
-        # The last phase: one short transaction.
+        # The last phase: one short transaction. The body may have taken minutes: the caller's
+        # session and account are read again (a revocation, disabling or erasure meanwhile
+        # wins), and so is their access to the chart.
+        await require_live_session(session, claims)
         basis = await require_chart_access(session, claims, patient_id, write=True,
                                            resource_type="attachment", care_days=care_days)
         cipher = add_row_cipher(session, envelope, data_key, TABLE, row_id)

@@ -13,6 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from phivault.db.tls import use_postgres_tls
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # A pooled PostgreSQL connection idle longer than this is pinged before use (see `_ping_idle`).
 IDLE_PING_SECONDS = 10.0
@@ -53,8 +55,11 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
     # the few that need a second connection at once (a reader's sequencer drain, a refusal's
     # own event).
     engine = create_async_engine(url, echo=echo, pool_size=pool_size,
-                                 max_overflow=pool_size // 4 + 2, pool_timeout=30, **_JSON)
+                                 max_overflow=pool_size // 4 + 2,
+                                 pool_timeout=POOL_TIMEOUT_SECONDS, **_JSON)
     _ping_idle(engine)
+    _bound_outages(engine)  # a down database answers 503 in seconds; the pool heals
+    use_postgres_tls(engine)  # sslmode, sslrootcert: db/tls.py
     return engine
 
 
@@ -80,6 +85,44 @@ def _ping_idle(engine: AsyncEngine) -> None:
             engine.dialect.do_ping(dbapi_connection)
         except Exception as error:
             raise exc.DisconnectionError() from error
+
+
+# How long a request waits for PostgreSQL when it is down or unreachable (`_bound_outages`).
+CONNECT_TIMEOUT_SECONDS = 5.0
+POOL_TIMEOUT_SECONDS = 10.0
+
+
+def _bound_outages(engine: AsyncEngine) -> None:
+    """An unreachable PostgreSQL costs a request seconds, never a hang, and the pool heals by
+    itself when the server is back (the unit of work answers such failures 503 `unavailable`:
+    `errors.database_unavailable`).
+
+    - A new connection gives up after `CONNECT_TIMEOUT_SECONDS` (asyncpg's default is 60 s): a
+      host that drops packets, or a server that accepts and never answers, fails as fast as a
+      refused connection; `?timeout=SECONDS` in `PHIVAULT_DATABASE_URL` sets another. A
+      request waits at most `POOL_TIMEOUT_SECONDS` for a pooled connection (it was 30 s).
+    - A pooled connection that the server has closed (a restart, a crash, a failover: asyncpg
+      saw its socket close) is replaced when it is checked out, without a round trip, instead
+      of failing the request that drew it; so the first requests after the database is back
+      succeed. One that looks open but is dead is found by `_ping_idle` when idle, or by its
+      first error, which invalidates the pool.
+
+    Statements have no time limit of their own here: exports, verification and migrations
+    may rightly run long. A server that stops answering in the middle of a statement (frozen,
+    or behind a partition that drops packets) holds that request until TCP gives up.
+    """
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _connect_timeout(_dialect: Any, _record: Any, _cargs: Any,
+                         cparams: dict[str, Any]) -> None:
+        # `?timeout=2` in the URL arrives as text, which asyncpg cannot use.
+        cparams["timeout"] = float(cparams.get("timeout", CONNECT_TIMEOUT_SECONDS))
+
+    @event.listens_for(engine.sync_engine.pool, "checkout")
+    def _closed_by_server(_dbapi_connection: Any, record: ConnectionPoolEntry,
+                          _proxy: Any) -> None:
+        driver = record.driver_connection
+        if driver is not None and driver.is_closed():
+            raise exc.DisconnectionError("closed by the server")
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -15,57 +13,15 @@ from phivault.access.permissions import Role
 from phivault.audit.schemas import Instant
 from phivault.auth.schemas import ErasureRequest, Me, ProfileRectification
 from phivault.auth.tokens import AccessClaims
-from phivault.errors import RateLimited
 from phivault.privacy import consents, erasure, export, rectification
 from phivault.privacy.consents import ConsentChoice, ConsentView
 from phivault.privacy.schemas import ExportQuery
 from phivault.web.dependencies import RuntimeDep, SessionDep
 from phivault.web.errors import responses
+from phivault.web.gates import gate_of
 
 router = APIRouter(tags=["privacy"])
 Patient = Annotated[AccessClaims, Depends(Allow(Role.PATIENT))]
-
-
-class ExportGate:
-    """How many exports one server process streams at once, and one per patient.
-
-    An export needs a second database connection (to chain the trail and read the profile)
-    while its request still holds the one its session check took. Unbounded, as many exports
-    as the pool has connections would each hold one and wait for another until the pool's
-    timeout, and every other request with them (an outside review found it). Taking a place
-    never waits: a full gate answers 429 at once, so a refused export holds nothing."""
-
-    def __init__(self, places: int) -> None:
-        self.places = max(1, places)
-        self.busy: set[uuid.UUID] = set()
-
-    def enter(self, patient_id: uuid.UUID) -> None:
-        if patient_id in self.busy:
-            raise RateLimited(5, "Your export is already running; wait for it to finish.")
-        if len(self.busy) >= self.places:
-            raise RateLimited(5, "Too many exports are running; try again in a few seconds.")
-        self.busy.add(patient_id)
-
-    def leave(self, patient_id: uuid.UUID) -> None:
-        self.busy.discard(patient_id)
-
-
-def _export_gate(request: Request, pool_size: int) -> ExportGate:
-    gate: ExportGate | None = getattr(request.app.state, "export_gate", None)
-    if gate is None:
-        # A quarter of the pool: the exports' second connections never starve the rest.
-        gate = request.app.state.export_gate = ExportGate(pool_size // 4)
-    return gate
-
-
-async def _released(body: AsyncIterator[bytes], gate: ExportGate,
-                    patient_id: uuid.UUID) -> AsyncIterator[bytes]:
-    """The body, and the gate's place given back when it ends (or the client goes)."""
-    try:
-        async for chunk in body:
-            yield chunk
-    finally:
-        gate.leave(patient_id)
 
 
 @router.patch("/me", responses=responses(401, 403, 422), summary="Rectify my profile")
@@ -129,7 +85,8 @@ async def export_my_data(claims: Patient, query: Annotated[ExportQuery, Query()]
     streams without delay. One export per patient at a time, and a quarter of the database
     pool's size per server process: beyond that, 429 with `Retry-After`. Audited as
     `DATA_EXPORT` with its format."""
-    gate = _export_gate(request, runtime.settings.db_pool_size)
+    # A quarter of the pool: the exports' second connections never starve the rest.
+    gate = gate_of(request, "export", runtime.settings.db_pool_size // 4)
     gate.enter(claims.user_id)
     try:
         export.record(session, claims.user_id, query.format)
@@ -141,8 +98,8 @@ async def export_my_data(claims: Patient, query: Annotated[ExportQuery, Query()]
         else "phivault-export.fhir.json"
     # The unit of work (and its DATA_EXPORT event) commits before the body streams; the body
     # reads in short transactions of its own, one page at a time.
-    return StreamingResponse(_released(export.stream(runtime, start, query.format), gate,
-                                       claims.user_id),
+    return StreamingResponse(gate.released(export.stream(runtime, start, query.format),
+                                           claims.user_id),
                              media_type=export.MEDIA_TYPES[query.format],
                              headers={"Cache-Control": "no-store",
                                       "Content-Disposition": f'attachment; filename="{name}"'})

@@ -4,6 +4,12 @@ Domain errors carry their code; framework errors (404, 405, 400, 422) get ours. 
 also writes its durable audit event, rate-bounded per source (audit/flood.py). A 422 names
 each bad field and what is wrong with it, never the submitted value (FastAPI's default echoes
 it, passwords included). A 500 carries only the request id.
+
+A database that cannot be reached is a 503 `unavailable` with `Retry-After`, never a 500: every
+request reaches the database through its unit of work, which raises `errors.Unavailable` for
+such a failure (`errors.database_unavailable` decides which they are); any other database error
+stays a 500. Every route that `responses(...)` describes lists that 503, since every such route
+reaches the database. `/readyz` keeps its own 503, `not_ready`.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ STATUS_OF: dict[type[errors.PhivaultError], int] = {
     errors.UnsupportedMedia: 415,
     errors.PayloadTooLarge: 413,
     errors.RateLimited: 429,
+    errors.Unavailable: 503,
 }
 
 FRAMEWORK_CODES = {
@@ -77,9 +84,17 @@ def framework_error(status: int, **extra: Any) -> JSONResponse:
     return error_json(status, code, detail, **extra)
 
 
+# The 503 every route that reaches the database may answer (`responses`).
+UNAVAILABLE_DESCRIPTION = ("`unavailable`: the database is down, restarting or unreachable; "
+                           "retry after `Retry-After` seconds.")
+
+
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` for a route's error answers."""
-    return {s: {"model": ErrorBody, "description": FRAMEWORK_CODES[s][1]} for s in statuses}
+    """OpenAPI `responses=` for a route's error answers, and the 503 of a database outage."""
+    described: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorBody, "description": FRAMEWORK_CODES[s][1]} for s in statuses}
+    described.setdefault(503, {"model": ErrorBody, "description": UNAVAILABLE_DESCRIPTION})
+    return described
 
 
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -129,7 +144,7 @@ def install(app: FastAPI) -> None:
             await flood.record_refusal(runtime.limits.refusals, runtime.unit_of_work, exc,
                                        _route_of(request))
         headers = {"Retry-After": str(exc.retry_after)} \
-            if isinstance(exc, errors.RateLimited) else None
+            if isinstance(exc, errors.RateLimited | errors.Unavailable) else None
         if isinstance(exc, errors.InvalidToken | errors.Unauthenticated):
             headers = {"WWW-Authenticate": 'Bearer realm="phivault"'}
         return error_json(status, exc.code, exc.detail, headers=headers, **exc.extra)

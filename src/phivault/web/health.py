@@ -1,7 +1,14 @@
-"""Liveness and readiness, outside `/api/v1`."""
+"""Liveness and readiness, outside `/api/v1`.
+
+Readiness is bounded: when the database neither answers nor refuses (a host that drops packets,
+a server that accepts and then says nothing, a pool that stays full), `/readyz` says 503
+`not_ready` after `READY_TIMEOUT_SECONDS`, so a load balancer takes the instance out of rotation
+instead of waiting with it. The API answers the same outage 503 `unavailable` (web/errors.py).
+"""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal
 
 from fastapi import APIRouter, Depends
@@ -10,10 +17,15 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from phivault.access.guards import Public
+from phivault.db.engine import READ_ONLY
 from phivault.web.dependencies import RuntimeDep
 from phivault.web.errors import framework_error, responses
 
 router = APIRouter(tags=["health"])
+
+# The longest `/readyz` takes; less than a new connection's own limit (db/engine.py), so that a
+# database that does not answer is told within it.
+READY_TIMEOUT_SECONDS = 3.0
 
 
 class Health(BaseModel):
@@ -29,9 +41,13 @@ async def healthz() -> Health:
 @router.get("/readyz", dependencies=[Depends(Public())], summary="Readiness",
             response_model=Health, responses=responses(503))
 async def readyz(runtime: RuntimeDep) -> Health | JSONResponse:
-    """The database answers. Public; 503 `not_ready` otherwise."""
+    """The database answers, within 3 s. Public; 503 `not_ready` otherwise."""
     try:
-        async with runtime.engine.connect() as connection:
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS), \
+                runtime.engine.connect() as connection:
+            # A read: on SQLite a deferred BEGIN, so a writer at work (a long upload's store)
+            # does not make a healthy instance look down.
+            await connection.execution_options(**{READ_ONLY: True})
             await connection.execute(text("SELECT 1"))
     except Exception:
         return framework_error(503)

@@ -154,6 +154,11 @@ class RequestGuardMiddleware:
                 return
             await self.app(scope, _limited_receive(receive, limit, state), send_wrapped)
         except Exception as exc:
+            if state.get("gone"):
+                # The client went away while sending its body (the app saw ClientDisconnect):
+                # nobody to answer, and nothing wrong with the server. Logged as nginx does.
+                state["status"] = 499
+                return
             status = state["replaced"] or 500
             if status == 500:
                 # Only the type: messages of database errors can hold bound values.
@@ -189,7 +194,9 @@ def _limited_receive(receive: Receive, limit: int, state: dict[str, Any]) -> Rec
         except TimeoutError:
             state["replaced"] = 408
             raise _BodyTooSlow() from None
-        if message["type"] == "http.request":
+        if message["type"] == "http.disconnect":
+            state["gone"] = True
+        elif message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
                 state["replaced"] = 413

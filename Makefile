@@ -7,7 +7,7 @@ PYTEST_ARGS ?= -n 2
 
 .DEFAULT_GOAL := help
 
-.PHONY: help run test lint fmt bench clean
+.PHONY: help run demo test lint fmt bench clean
 
 help: ## List the targets.
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
@@ -27,6 +27,10 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed ## Serve https://127.0.0.1:8443 from ./var/ (created on first run).
 	$(BIN)/phivault init --dev
 	@set -a && . ./var/phivault.env && set +a && exec $(BIN)/phivault serve --host 127.0.0.1 --port 8443
+
+demo: $(VENV)/.installed ## Fill the dev instance in ./var/ with a small clinic; prints the logins.
+	$(BIN)/phivault init --dev
+	@set -a && . ./var/phivault.env && set +a && exec $(BIN)/phivault demo
 
 lint: $(VENV)/.dev-installed ## ruff (with the S security rules) and mypy --strict.
 	$(BIN)/ruff check src tests bench

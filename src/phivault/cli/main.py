@@ -7,7 +7,7 @@ import sys
 import typer
 
 from phivault import __version__
-from phivault.cli import audit, gdpr, instance, keys, research, users
+from phivault.cli import audit, demo, gdpr, instance, keys, research, users
 
 app = typer.Typer(
     name="phivault", no_args_is_help=True, pretty_exceptions_enable=False,
@@ -18,6 +18,7 @@ app = typer.Typer(
 app.command()(instance.init)
 app.command()(instance.migrate)
 app.command()(instance.serve)
+app.command()(demo.demo)
 app.add_typer(users.app, name="users")
 app.add_typer(keys.app, name="keys")
 app.add_typer(audit.app, name="audit")

@@ -31,7 +31,7 @@ from phivault.crypto import IntegrityError
 from phivault.crypto.blind_index import BlindIndex
 from phivault.crypto.envelope import Envelope
 from phivault.crypto.keys import derive_key
-from phivault.db.engine import create_engine, create_sessionmaker
+from phivault.db.engine import COMMAND_TIMEOUT_SECONDS, create_engine, create_sessionmaker
 from phivault.errors import PhivaultError, Unavailable, database_unavailable
 from phivault.keys.service import forget_new_keys
 from phivault.observability import get_logger
@@ -67,12 +67,15 @@ class Runtime:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, pool_size: int | None = None,
-                      chain_after_commit: bool | None = None) -> Runtime:
+                      chain_after_commit: bool | None = None,
+                      command_timeout: float | None = COMMAND_TIMEOUT_SECONDS) -> Runtime:
         """Build the runtime. `pool_size` (default: `PHIVAULT_DB_POOL_SIZE`) is the database
         connections kept; `chain_after_commit` (default: on SQLite only) chains each unit of
-        work's events right after its commit, instead of leaving them to the background."""
+        work's events right after its commit, instead of leaving them to the background;
+        `command_timeout` bounds each PostgreSQL statement (None: no bound, for migrations)."""
         engine = create_engine(settings.database_url_value,
-                               pool_size=pool_size or settings.db_pool_size)
+                               pool_size=pool_size or settings.db_pool_size,
+                               command_timeout=command_timeout)
         queue_key = derive_key(settings.audit_key_bytes, "audit-queue")
         if chain_after_commit is None:
             chain_after_commit = engine.dialect.name == "sqlite"
@@ -201,6 +204,7 @@ class Runtime:
         if not self.chain_after_commit:
             self.sequencer.notify()
             return
+        self.sequencer.queued_here = True
         try:
             await self.sequencer.flush()
         except Exception as exc:  # noqa: BLE001 - the events are committed and stay queued

@@ -45,7 +45,7 @@ from phivault.config import ConfigError, Settings
 from phivault.db.engine import create_engine
 from phivault.db.migrate import current_revision
 from phivault.db.tls import PostgresTls, asyncpg_options
-from phivault.errors import RateLimited
+from phivault.errors import RateLimited, Unavailable
 from phivault.ops.redis_client import redis_options
 from phivault.runtime import Runtime
 from tests.conftest import build_settings, client_for
@@ -447,11 +447,13 @@ async def test_redis_clients_refuse_a_wrong_certificate(
     url = (tls_redis.url(ca=tls_redis.pki.other_ca) if wrong == "another CA"
            else tls_redis.url(host="127.0.0.1"))
     async with _limits(url) as limits:
-        with pytest.raises(redis.ConnectionError) as caught:
+        with pytest.raises(Unavailable) as caught:  # fails closed: 503, never unlimited
             await limits.hit_ip("198.51.100.8")
-    assert "certificate verify failed" in str(caught.value)
+    refusal = caught.value.__cause__
+    assert isinstance(refusal, redis.ConnectionError)
+    assert "certificate verify failed" in str(refusal)
     if wrong == "another host name":
-        assert "IP address mismatch" in str(caught.value)
+        assert "IP address mismatch" in str(refusal)
 
     cache = SessionCache(1.0, redis_url=url)
     try:
@@ -538,6 +540,23 @@ def test_prod_refuses_an_unverified_link_to_another_host(
     with pytest.raises(ConfigError) as caught:
         _settings(keys_env, env="prod", **values)
     assert problem in caught.value.problem
+
+
+@pytest.mark.parametrize("query", [
+    # asyncpg.connect(dsn=...) takes its host from the dsn: the URL names none, so it looked
+    # local to the prod rule while asyncpg connected elsewhere in clear (an outside review).
+    "dsn=postgresql://app:pw@db.evil.example/phivault%3Fsslmode%3Ddisable",
+    "server_settings=x", "direct_tls=true", "krbsrvname=x",
+])
+@pytest.mark.parametrize("env", ["dev", "prod"])
+def test_a_database_url_takes_only_known_parameters(keys_env: dict[str, str], query: str,
+                                                    env: str) -> None:
+    url = f"postgresql+asyncpg://app:pw@/phivault?{query}"
+    with pytest.raises(ConfigError) as caught:
+        _settings(keys_env, env=env, database_url=url)
+    assert "is not allowed" in caught.value.problem and "pw" not in caught.value.problem
+    with pytest.raises(ValueError, match="is not allowed"):
+        create_engine(url)
 
 
 def test_prod_allows_a_plain_link_on_this_host(keys_env: dict[str, str]) -> None:

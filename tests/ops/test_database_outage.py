@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import signal
 import socket
@@ -473,3 +474,88 @@ async def test_phivault_serve_rides_out_a_postgres_restart(
     assert "Traceback" not in log, log
     assert '"status": 500' not in log and "unhandled_error" not in log, log
     await _chain_holds(rt)
+
+
+# An outside review of the first version of these fixes.
+
+async def test_an_outage_at_the_exports_commit_gives_its_gate_place_back(
+        cluster: ThrowawayPostgres, outage_runtime: Runtime,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL goes away after the export's reads and before its unit of work commits: the
+    answer is 503 and the streamed body never starts; the patient's place in the export gate
+    must still come back (it used to be held until the process restarted: 429 forever)."""
+    from phivault.privacy import export as export_module
+    rt = outage_runtime
+    user = await signed_in(rt, "patient")
+    real_begin = export_module.begin
+    crashed = False
+
+    async def begin_then_outage(*args: Any, **kwargs: Any) -> Any:
+        nonlocal crashed
+        start = await real_begin(*args, **kwargs)
+        if not crashed:
+            crashed = True
+            await _stop(cluster)
+        return start
+
+    monkeypatch.setattr(export_module, "begin", begin_then_outage)
+    async with client_for(rt) as client:
+        _assert_unavailable(await client.get("/api/v1/me/export", headers=user.headers))
+        await _start(cluster)
+        for _ in range(2):
+            again = await client.get("/api/v1/me/export", headers=user.headers)
+            assert again.status_code == 200, again.text
+
+
+async def test_a_frozen_database_costs_a_request_its_statement_timeout(
+        cluster: ThrowawayPostgres, keys_env: dict[str, str]) -> None:
+    """The server freezes (SIGSTOP, like a partition that drops packets) while the pool holds
+    live connections: a request that draws one is answered 503 once its statement times out,
+    and `/readyz` within its own bound; nothing hangs."""
+    # The runtime bounds every statement (30 s by default; 2 s here, to keep the test short).
+    rt = Runtime.from_settings(build_settings(keys_env, await _database(cluster)),
+                               chain_after_commit=False, command_timeout=2)
+    await upgrade(rt.engine)
+    user = await signed_in(rt, "patient")
+    master = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    pids: list[int] = []
+    try:
+        async with client_for(rt) as client:
+            assert (await client.get("/api/v1/me", headers=user.headers)).status_code == 200
+            children = subprocess.run(["pgrep", "-P", str(master)], capture_output=True,
+                                      text=True, check=False).stdout.split()
+            pids = [master, *map(int, children)]
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            started = time.monotonic()
+            _assert_unavailable(await asyncio.wait_for(
+                client.get("/api/v1/me", headers=user.headers), 20))
+            assert time.monotonic() - started < 8
+            started = time.monotonic()
+            ready = await asyncio.wait_for(client.get("/readyz"), 20)
+            assert ready.status_code == 503 and time.monotonic() - started < 8
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        await rt.engine.dispose()
+
+
+def test_cli_commands_say_the_database_is_down_in_one_line(keys_env: dict[str, str]) -> None:
+    """Exit 3 and one line: `audit verify` must not exit 1 (its "the chain does not hold")
+    because the database is away."""
+    port = free_port()  # nothing listens there
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:{port}/phivault"
+    settings = build_settings(keys_env, url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PHIVAULT_")}
+    env.update({"PHIVAULT_DATABASE_URL": url,
+                "PHIVAULT_MASTER_KEYS": settings.master_keys.get_secret_value(),
+                "PHIVAULT_INDEX_KEY": settings.index_key.get_secret_value(),
+                "PHIVAULT_AUDIT_KEY": settings.audit_key.get_secret_value(),
+                "PHIVAULT_JWT_KEYS": settings.jwt_keys.get_secret_value()})
+    for args in (["audit", "verify"], ["users", "list"], ["migrate"]):
+        done = subprocess.run(phivault_command(*args), env=env, capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == 3, (args, done.stderr)
+        assert done.stdout == ""
+        assert done.stderr == ("phivault: the database is unavailable; nothing was done (try "
+                               "again when it is back)\n"), (args, done.stderr)

@@ -127,13 +127,15 @@ ANY_ROLE = (Role.PATIENT, Role.DOCTOR, Role.ADMIN, Role.AUDITOR)
 
 
 def declared_rules(dependant: object) -> list[AccessRule]:
-    """The access rules a route's dependency tree declares (for the enumeration test)."""
+    """The access rules a route's dependency tree declares (for the enumeration test). One
+    rule met twice in the tree (a route's own caller, and a dependency of it that needs the
+    caller too) is one rule: FastAPI runs it once per request."""
     found: list[AccessRule] = []
     stack = [dependant]
     while stack:
         current = stack.pop()
         call = getattr(current, "call", None)
-        if isinstance(call, AccessRule):
+        if isinstance(call, AccessRule) and not any(call is seen for seen in found):
             found.append(call)
         stack.extend(getattr(current, "dependencies", []))
     return found

@@ -152,6 +152,7 @@ class Sequencer:
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self.restarts = 0  # background loops that died and were started again
+        self.queued_here = False  # whether this process committed events to the queue
         self.failures = 0  # the background loop's failed tries in a row (an outage)
         # Readers' drains in this process share one flush at a time (see `drain`).
         self._drain_lock = asyncio.Lock()
@@ -291,6 +292,7 @@ class Sequencer:
 
     def notify(self) -> None:
         """A commit queued events: wake the background loop."""
+        self.queued_here = True
         self._wake.set()
 
     def start(self) -> None:
@@ -338,8 +340,11 @@ class Sequencer:
         except Exception as exc:
             if not database_unavailable(exc):
                 raise
-            # Committed events wait in the queue for the next sequencer, in any process.
-            log.warning("audit_sequencer_stopped_unflushed", error=type(exc).__name__)
+            # Committed events wait in the queue for the next sequencer, in any process. Worth
+            # a warning only when this process queued some (a CLI command that could not even
+            # start is told once, by its own error line).
+            if self.queued_here:
+                log.warning("audit_sequencer_stopped_unflushed", error=type(exc).__name__)
 
     def _recovered(self) -> None:
         if self.failures:

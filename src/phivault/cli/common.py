@@ -16,6 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeR
 
 from phivault.audit.export import ExportWriteError, private_output
 from phivault.config import ConfigError, Settings, load_settings
+from phivault.db.engine import COMMAND_TIMEOUT_SECONDS
+from phivault.errors import Unavailable, database_unavailable
 from phivault.observability import configure_logging
 from phivault.request_context import RequestContext, new_request_id, set_request
 from phivault.runtime import Runtime
@@ -23,6 +25,8 @@ from phivault.runtime import Runtime
 T = TypeVar("T")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+# The exit status of a command that could not reach its database.
+DATABASE_UNAVAILABLE = 3
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -39,7 +43,8 @@ def settings_or_exit() -> Settings:
 
 
 def run_with_runtime(command: str, work: Callable[[Runtime], Awaitable[T]],
-                     settings: Settings | None = None, *, chain_first: bool = True) -> T:
+                     settings: Settings | None = None, *, chain_first: bool = True,
+                     command_timeout: float | None = COMMAND_TIMEOUT_SECONDS) -> T:
     """Run `work` with a runtime built from the environment, as the CLI's own request.
 
     First it chains what is queued (`chain_first`; not before migrations, when the tables may
@@ -52,7 +57,8 @@ def run_with_runtime(command: str, work: Callable[[Runtime], Awaitable[T]],
     async def main() -> T:
         set_request(RequestContext(request_id=f"cli-{new_request_id()}",
                                    user_agent=f"phivault-cli/{command}"))
-        runtime = Runtime.from_settings(settings, pool_size=2)
+        runtime = Runtime.from_settings(settings, pool_size=2,
+                                        command_timeout=command_timeout)
         try:
             # Events another process left queued (a command killed before it chained its
             # own) are chained before this command reads or writes the trail.
@@ -62,7 +68,15 @@ def run_with_runtime(command: str, work: Callable[[Runtime], Awaitable[T]],
         finally:
             await runtime.close()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except Exception as exc:
+        if database_unavailable(exc) or isinstance(exc, Unavailable):
+            # One line and its own exit code: an outage is not "the chain does not hold"
+            # (`audit verify` exits 1 for that) nor a bug.
+            fail("the database is unavailable; nothing was done (try again when it is back)",
+                 DATABASE_UNAVAILABLE)
+        raise
 
 
 def run_writing(command: str, out: Path,

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import typer
 
+from phivault.audit.actions import Action
 from phivault.cli.common import fail, run_with_runtime, settings_or_exit
 from phivault.errors import EmailTaken
 from phivault.runtime import Runtime
@@ -196,7 +197,7 @@ async def build(runtime: Runtime) -> tuple[list[Person], int]:
         await clinic.call("read under break-glass", "GET", f"/patients/{john.id}/records",
                           house)
         await clinic.call("search the trail", "GET", "/audit", auditor,
-                          params={"action": "BREAK_GLASS"})
+                          params={"action": Action.BREAK_GLASS.value})
     return [admin, house, quinn, auditor, jane, john, ida], clinic.requests
 
 

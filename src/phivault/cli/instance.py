@@ -110,7 +110,9 @@ def _migrate(settings: Settings) -> None:
     async def work(runtime: Runtime) -> tuple[str | None, str]:
         return await migrations.upgrade(runtime.engine)
 
-    before, after = run_with_runtime("migrate", work, settings, chain_first=False)
+    # No statement timeout: building an index over a large table may rightly take long.
+    before, after = run_with_runtime("migrate", work, settings, chain_first=False,
+                                     command_timeout=None)
     if before == after:
         typer.echo(f"database is at the newest schema ({after})")
     else:

@@ -5,6 +5,7 @@ it; the chart gate (`access/care.py`) decides per patient."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Request, Response
@@ -229,21 +230,26 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
                  "description": "PDF, PNG, JPEG or DICOM; at most 25 MiB"}}}}}}}
 
 
+async def _upload_place(request: Request, claims: Party) -> AsyncIterator[None]:
+    """A place in the upload gate for the request's whole life (`web/gates.py`): each upload
+    holds its sealed spool until its body is in."""
+    with gate_of(request, "upload", attachments.UPLOADS_PER_PROCESS,
+                 attachments.UPLOADS_PER_ACCOUNT).held(claims.user_id):
+        yield
+
+
 @router.post("/patients/{patient_id}/attachments", status_code=201,
              responses=responses(401, 403, 404, 413, 415, 422, 429), openapi_extra=UPLOAD_BODY,
-             summary="Upload an attachment")
+             summary="Upload an attachment", dependencies=[Depends(_upload_place)])
 async def upload_attachment(patient_id: uuid.UUID, request: Request, claims: Party,
                             runtime: RuntimeDep, session: SessionDep) -> AttachmentView:
     """Multipart, one part named `file`, at most 25 MiB; its type is decided by its content
     (and must match the part's declared type). Encrypted as it streams in, and stored once
     the whole body is in. At most two uploads at once per account (and 64 per server
     process): beyond that, 429 `rate_limited` with `Retry-After`."""
-    gate = gate_of(request, "upload", attachments.UPLOADS_PER_PROCESS,
-                   attachments.UPLOADS_PER_ACCOUNT)
-    with gate.held(claims.user_id):
-        return await attachments.upload(session, runtime.envelope, claims, patient_id,
-                                        request.headers.get("content-type"), request.stream(),
-                                        care_days=runtime.settings.care_relationship_days)
+    return await attachments.upload(session, runtime.envelope, claims, patient_id,
+                                    request.headers.get("content-type"), request.stream(),
+                                    care_days=runtime.settings.care_relationship_days)
 
 
 @router.get("/patients/{patient_id}/attachments", responses=CHART,

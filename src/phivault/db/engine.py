@@ -30,7 +30,8 @@ def _dump_json(value: Any) -> str:
 _JSON: dict[str, Any] = {"json_serializer": _dump_json, "json_deserializer": orjson.loads}
 
 
-def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
+def create_engine(url: str, *, pool_size: int = 10, echo: bool = False,
+                  command_timeout: float | None = None) -> AsyncEngine:
     """An engine for `url`; on SQLite, one writer at a time with transactions begun IMMEDIATE.
 
     SQLite allows one writer. Beginning every transaction with `BEGIN IMMEDIATE` makes writers
@@ -58,7 +59,7 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
                                  max_overflow=pool_size // 4 + 2,
                                  pool_timeout=POOL_TIMEOUT_SECONDS, **_JSON)
     _ping_idle(engine)
-    _bound_outages(engine)  # a down database answers 503 in seconds; the pool heals
+    _bound_outages(engine, command_timeout)  # a down database answers 503; the pool heals
     use_postgres_tls(engine)  # sslmode, sslrootcert: db/tls.py
     return engine
 
@@ -90,9 +91,11 @@ def _ping_idle(engine: AsyncEngine) -> None:
 # How long a request waits for PostgreSQL when it is down or unreachable (`_bound_outages`).
 CONNECT_TIMEOUT_SECONDS = 5.0
 POOL_TIMEOUT_SECONDS = 10.0
+# The longest one statement may take, for the server and the CLI (not for migrations).
+COMMAND_TIMEOUT_SECONDS = 30.0
 
 
-def _bound_outages(engine: AsyncEngine) -> None:
+def _bound_outages(engine: AsyncEngine, command_timeout: float | None) -> None:
     """An unreachable PostgreSQL costs a request seconds, never a hang, and the pool heals by
     itself when the server is back (the unit of work answers such failures 503 `unavailable`:
     `errors.database_unavailable`).
@@ -107,15 +110,24 @@ def _bound_outages(engine: AsyncEngine) -> None:
       succeed. One that looks open but is dead is found by `_ping_idle` when idle, or by its
       first error, which invalidates the pool.
 
-    Statements have no time limit of their own here: exports, verification and migrations
-    may rightly run long. A server that stops answering in the middle of a statement (frozen,
-    or behind a partition that drops packets) holds that request until TCP gives up.
+    - With `command_timeout` (the runtime passes `COMMAND_TIMEOUT_SECONDS`; `phivault
+      migrate` passes none, since building an index may rightly take long), every statement,
+      and the idle ping, gives up after that long: a server that is frozen or behind a
+      partition that drops packets costs a request that long, then a 503 (the timeout is an
+      outage to `errors.database_unavailable`), not a hang. Exports and verification read in
+      pages and ranges, each well under it; `?command_timeout=SECONDS` in the URL sets another.
+      An outside review found every request hanging on a frozen server, not only those in a
+      statement.
     """
     @event.listens_for(engine.sync_engine, "do_connect")
     def _connect_timeout(_dialect: Any, _record: Any, _cargs: Any,
                          cparams: dict[str, Any]) -> None:
         # `?timeout=2` in the URL arrives as text, which asyncpg cannot use.
         cparams["timeout"] = float(cparams.get("timeout", CONNECT_TIMEOUT_SECONDS))
+        if "command_timeout" in cparams:
+            cparams["command_timeout"] = float(cparams["command_timeout"])
+        elif command_timeout is not None:
+            cparams["command_timeout"] = command_timeout
 
     @event.listens_for(engine.sync_engine.pool, "checkout")
     def _closed_by_server(_dbapi_connection: Any, record: ConnectionPoolEntry,

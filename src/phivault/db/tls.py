@@ -134,9 +134,22 @@ def _load(name: str, path: str, load: Callable[[], None]) -> None:
                          f"({exc.strerror or type(exc).__name__})") from None
 
 
+# The query parameters a PostgreSQL URL may carry. SQLAlchemy hands every other one to
+# asyncpg.connect as a keyword, and some of those reroute the connection past these checks
+# (an outside review connected to a remote host in clear with `?dsn=...` under prod's
+# verify-full rule), so anything else is refused.
+URL_PARAMETERS = frozenset({*TLS_PARAMETERS, "host", "timeout", "command_timeout",
+                            "prepared_statement_cache_size"})
+
+
 def postgres_tls_problem(url: URL, *, prod: bool) -> str | None:
     """Why the TLS parameters of this PostgreSQL URL cannot work, or that prod must not use
-    them: anything but `sslmode=verify-full` to a host other than this one. None if fine."""
+    them: anything but `sslmode=verify-full` to a host other than this one; or a query
+    parameter outside `URL_PARAMETERS`. None if fine."""
+    unknown = sorted(set(url.query) - URL_PARAMETERS)
+    if unknown:
+        return (f"query parameter {unknown[0]} is not allowed (allowed: "
+                f"{', '.join(sorted(URL_PARAMETERS))})")
     try:
         tls = PostgresTls.from_options(url.query)
         tls.connect_argument()
@@ -182,7 +195,11 @@ def use_postgres_tls(engine: AsyncEngine) -> None:
     """Connect `engine` with the TLS its URL asks for (the module's docstring).
 
     The context is made once, here; every new connection of the pool takes it in place of the
-    URL's TLS parameters, which stay in `engine.url` for whoever reads it."""
+    URL's TLS parameters, which stay in `engine.url` for whoever reads it. A query parameter
+    outside `URL_PARAMETERS` is a `ValueError` here too, whoever built the engine."""
+    unknown = sorted(set(engine.url.query) - URL_PARAMETERS)
+    if unknown:
+        raise ValueError(f"query parameter {unknown[0]} is not allowed in a database URL")
     argument = PostgresTls.from_options(engine.url.query).connect_argument()
 
     @event.listens_for(engine.sync_engine, "do_connect")

@@ -15,7 +15,6 @@ checks here catch what it would only find at the first command, or not at all.
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis import asyncio as aioredis
+
+from phivault.ops.addresses import is_loopback
 
 SCHEMES = ("redis", "rediss", "unix")
 _FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
@@ -53,7 +54,7 @@ def redis_url_problem(url: str, *, prod: bool) -> str | None:
     reqs = query.get("ssl_cert_reqs", "required")
     if reqs not in _CERT_REQS:
         return f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}"
-    if not prod or parts.scheme == "unix" or _is_loopback(host):
+    if not prod or parts.scheme == "unix" or is_loopback(host):
         return None
     if parts.scheme == "redis":
         return "redis:// (no TLS) is for a Redis on this host only in prod: use rediss://"
@@ -83,15 +84,6 @@ def _unusable_files(query: dict[str, str]) -> str | None:
             reason = exc.reason if isinstance(exc, ssl.SSLError) else exc.strerror
             return f"{name} file {query[name]} cannot be used ({reason or 'ssl error'})"
     return None
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def redis_options(url: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -65,11 +66,18 @@ EXPORT_ANSWER = {
     **responses(401, 403, 422, 429, 500)}
 
 
+async def _export_place(request: Request, claims: Patient,
+                        runtime: RuntimeDep) -> AsyncIterator[None]:
+    """One export per patient, and a quarter of the pool per server process (the exports'
+    second connections never starve the rest), for the request's whole life (`web/gates.py`)."""
+    with gate_of(request, "export", runtime.settings.db_pool_size // 4).held(claims.user_id):
+        yield
+
+
 @router.get("/me/export", response_class=StreamingResponse, responses=EXPORT_ANSWER,
-            summary="Export my data (JSON or FHIR)")
+            summary="Export my data (JSON or FHIR)", dependencies=[Depends(_export_place)])
 async def export_my_data(claims: Patient, query: Annotated[ExportQuery, Query()],
-                         runtime: RuntimeDep, session: SessionDep,
-                         request: Request) -> StreamingResponse:
+                         runtime: RuntimeDep, session: SessionDep) -> StreamingResponse:
     """Everything phivault holds about you, decrypted (GDPR articles 15 and 20), as a download.
 
     `format=json` (the default): one `application/json` document with `profile`,
@@ -85,21 +93,13 @@ async def export_my_data(claims: Patient, query: Annotated[ExportQuery, Query()]
     streams without delay. One export per patient at a time, and a quarter of the database
     pool's size per server process: beyond that, 429 with `Retry-After`. Audited as
     `DATA_EXPORT` with its format."""
-    # A quarter of the pool: the exports' second connections never starve the rest.
-    gate = gate_of(request, "export", runtime.settings.db_pool_size // 4)
-    gate.enter(claims.user_id)
-    try:
-        export.record(session, claims.user_id, query.format)
-        start = await export.begin(runtime, claims.user_id, session)
-    except BaseException:
-        gate.leave(claims.user_id)
-        raise
+    export.record(session, claims.user_id, query.format)
+    start = await export.begin(runtime, claims.user_id, session)
     name = "phivault-export.json" if query.format is export.ExportFormat.JSON \
         else "phivault-export.fhir.json"
     # The unit of work (and its DATA_EXPORT event) commits before the body streams; the body
     # reads in short transactions of its own, one page at a time.
-    return StreamingResponse(gate.released(export.stream(runtime, start, query.format),
-                                           claims.user_id),
+    return StreamingResponse(export.stream(runtime, start, query.format),
                              media_type=export.MEDIA_TYPES[query.format],
                              headers={"Cache-Control": "no-store",
                                       "Content-Disposition": f'attachment; filename="{name}"'})

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -56,22 +56,18 @@ class Gate:
 
     @contextmanager
     def held(self, caller: uuid.UUID) -> Iterator[None]:
-        """A place for the block (a request whose work ends with its route)."""
+        """A place for the block. A route takes it in a dependency with `yield` (request
+        scope), which ends after the answer is sent, streamed bodies included, and sees every
+        failure before that, the unit of work's commit among them (it runs after the route
+        returns): so the place is given back in every case. (An outside review leaked export
+        places by failing that commit, when the streamed body that gave them back never
+        started.)"""
         self.enter(caller)
         try:
             yield
         finally:
             self.leave(caller)
 
-    async def released(self, body: AsyncIterator[bytes], caller: uuid.UUID
-                       ) -> AsyncIterator[bytes]:
-        """`body`, and the caller's place given back when it ends or its reader goes (a
-        request whose work goes on in its streamed answer)."""
-        try:
-            async for chunk in body:
-                yield chunk
-        finally:
-            self.leave(caller)
 
 
 def gate_of(request: Request, what: str, places: int, per_caller: int = 1) -> Gate:

@@ -41,7 +41,8 @@ async def healthz() -> Health:
 @router.get("/readyz", dependencies=[Depends(Public())], summary="Readiness",
             response_model=Health, responses=responses(503))
 async def readyz(runtime: RuntimeDep) -> Health | JSONResponse:
-    """The database answers, within 3 s. Public; 503 `not_ready` otherwise."""
+    """The database answers within 3 s, and so does the shared rate-limit store when one is
+    configured (Redis). Public; 503 `not_ready` otherwise."""
     try:
         async with asyncio.timeout(READY_TIMEOUT_SECONDS), \
                 runtime.engine.connect() as connection:
@@ -50,5 +51,8 @@ async def readyz(runtime: RuntimeDep) -> Health | JSONResponse:
             await connection.execution_options(**{READ_ONLY: True})
             await connection.execute(text("SELECT 1"))
     except Exception:
+        return framework_error(503)
+    # Auth fails closed without its rate-limit store (Redis, when configured): not ready.
+    if not await runtime.authenticator.limits.ready():
         return framework_error(503)
     return Health(status="ready")

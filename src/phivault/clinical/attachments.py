@@ -58,7 +58,7 @@ MAX_FILE_BYTES = 25 * 1024 * 1024
 SNIFF_BYTES = 132
 READ_BATCH = 16  # segment rows per query when reading (about 1 MiB)
 STORE_BYTES = 64 * 1024  # sealed bytes per `attachment_segments` row
-FLUSH_SEGMENTS = 32  # rows per INSERT round trip when storing (about 2 MiB)
+FLUSH_SEGMENTS = 16  # rows per INSERT round trip when storing (about 1 MiB)
 SPOOL_MEMORY = 128 * 1024  # sealed bytes held in memory per upload before spooling to disk
 # Uploads a server process receives at once, and per account (`web/gates.py`): each holds its
 # spool until its body is in.

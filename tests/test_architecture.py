@@ -18,6 +18,7 @@ SERVICES = [
     "access/care_team.py", "access/schemas.py",
     "privacy/erasure.py", "privacy/rectification.py", "privacy/research.py",
     "privacy/export.py", "privacy/fhir.py", "ops/mail.py", "ops/smtp.py",
+    "auth/reindex.py", "ops/redis_client.py", "ops/addresses.py", "db/phases.py", "db/tls.py",
 ]
 FRAMEWORK = ("fastapi", "starlette", "uvicorn")
 

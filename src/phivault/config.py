@@ -47,12 +47,13 @@ ENV_PREFIX = "PHIVAULT_"
 
 # The settings that may also be given as `<NAME>_FILE` (a path to a file holding the value).
 SECRET_FIELDS = ("master_keys", "index_key", "audit_key", "jwt_keys", "redis_url", "metrics_token",
-                 "database_url", "audit_signing_key", "smtp_url")
+                 "database_url", "audit_signing_key", "smtp_url", "index_key_previous")
 
 # The order in which problems are reported: the spec's table order, so the first line an
 # operator sees names the first variable they would look at.
 FIELD_ORDER = (
-    "env", "database_url", "master_keys", "index_key", "audit_key", "jwt_keys",
+    "env", "database_url", "master_keys", "index_key", "index_key_previous", "audit_key",
+    "jwt_keys",
     "audit_signing_key", "tls_cert_file",
     "tls_key_file", "behind_proxy", "trusted_proxies", "redis_url", "access_token_ttl",
     "refresh_token_ttl", "auth_rate_limit", "lockout", "staff_approval", "smtp_url", "mail_from",
@@ -126,6 +127,9 @@ class Settings(BaseSettings):
     database_url: SecretStr = SecretStr("sqlite+aiosqlite:///var/phivault.db")
     master_keys: SecretStr
     index_key: SecretStr
+    # During a rotation of the index key: the one before, until `phivault keys reindex` has
+    # made every blind index again under `index_key`.
+    index_key_previous: SecretStr | None = None
     audit_key: SecretStr
     jwt_keys: SecretStr
     # Signs audit checkpoints (`phivault audit checkpoint`); optional until one is made.
@@ -204,6 +208,14 @@ class Settings(BaseSettings):
     @field_validator("index_key", "audit_key")
     @classmethod
     def _check_bare_key(cls, value: SecretStr) -> SecretStr:
+        decode_key(value.get_secret_value())
+        return value
+
+    @field_validator("index_key_previous")
+    @classmethod
+    def _check_previous_index_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None  # optional: only during a rotation
         decode_key(value.get_secret_value())
         return value
 
@@ -293,6 +305,7 @@ class Settings(BaseSettings):
         for field in ("index_key", "audit_key"):
             if is_dev_key(decode_key(getattr(self, field).get_secret_value())):
                 raise ConfigError(env_name(field), _DEV_KEY)
+        # The previous index key may be a development one: it is on its way out.
         if any(key.is_dev for key in self.signing_keys):
             raise ConfigError(env_name("jwt_keys"), _DEV_KEY)
         if any(key.is_dev for key in self.checkpoint_signer.keys):
@@ -317,6 +330,11 @@ class Settings(BaseSettings):
     @cached_property
     def index_key_bytes(self) -> bytes:
         return decode_key(self.index_key.get_secret_value())
+
+    @cached_property
+    def index_key_previous_bytes(self) -> bytes | None:
+        previous = self.index_key_previous
+        return decode_key(previous.get_secret_value()) if previous is not None else None
 
     @cached_property
     def audit_key_bytes(self) -> bytes:

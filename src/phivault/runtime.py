@@ -80,7 +80,8 @@ class Runtime:
         if chain_after_commit is None:
             chain_after_commit = engine.dialect.name == "sqlite"
         envelope = Envelope(settings.master_key_ring)
-        blind_index = BlindIndex(settings.index_key_bytes)
+        blind_index = BlindIndex(settings.index_key_bytes,
+                                 previous=settings.index_key_previous_bytes)
         tokens = AccessTokens(settings.signing_keys, settings.access_token_ttl)
         passwords = Passwords(Argon2Parameters(settings.argon2_memory_kib,
                                                settings.argon2_time_cost,

@@ -57,6 +57,7 @@ class Action(StrEnum):
 
     # Key operations.
     KEY_REWRAP = "KEY_REWRAP"
+    KEY_REINDEX = "KEY_REINDEX"
 
     # The audit trail itself.
     VIEW_AUDIT_TRAIL = "VIEW_AUDIT_TRAIL"

@@ -71,8 +71,8 @@ _TYPES: dict[str, tuple[str, str]] = {
     **dict.fromkeys((Action.DATA_EXPORT, Action.RESEARCH_EXPORT), _EXPORT),
     Action.IMPORT_USERS: _IMPORT,
     **dict.fromkeys((Action.VIEW_USERS, Action.VIEW_PATIENT_LIST), _QUERY),
-    **dict.fromkeys((Action.CREATE_USER, Action.UPDATE_USER, Action.KEY_REWRAP),
-                    _APPLICATION_ACTIVITY),
+    **dict.fromkeys((Action.CREATE_USER, Action.UPDATE_USER, Action.KEY_REWRAP,
+                     Action.KEY_REINDEX), _APPLICATION_ACTIVITY),
     **dict.fromkeys((Action.CONSENT_CHANGED, Action.ACCOUNT_ERASED,
                      Action.VIEW_BREAK_GLASS_REASON), _PATIENT_RECORD),
 }
@@ -81,7 +81,7 @@ _CODES: dict[str, str] = {
     **dict.fromkeys((Action.DATA_EXPORT, Action.RESEARCH_EXPORT, Action.EXPORT_AUDIT_TRAIL,
                      Action.VERIFY_AUDIT_CHAIN), "R"),
     **dict.fromkeys((Action.CONSENT_CHANGED, Action.PASSWORD_CHANGED, Action.MFA_ENABLED,
-                     Action.KEY_REWRAP), "U"),
+                     Action.KEY_REWRAP, Action.KEY_REINDEX), "U"),
     **dict.fromkeys((Action.ACCOUNT_ERASED, Action.SESSION_REVOKED), "D"),
 }
 _PREFIX_CODES = (("VIEW_", "R"), ("CREATE_", "C"), ("UPDATE_", "U"), ("DELETE_", "D"))

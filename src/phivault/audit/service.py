@@ -53,6 +53,7 @@ METADATA_KEYS = frozenset({
     "offset", "ok", "order", "reason", "rescheduled", "rewrapped", "failed", "role",
     "session_id", "sessions_revoked", "since", "size", "skipped", "status", "to", "until",
     "version", "versions", "via",
+    "accounts", "reindexed",  # `keys reindex`: accounts seen, indexes made again
     "changed", "route",  # the no-op PATCH /users marker; a refused route's template
     # A break-glass grant's HMAC (hex) over its id, patient, doctor and reason: not PHI, for
     # without the key derived from the audit key it cannot be reversed or checked against a

@@ -40,6 +40,7 @@ from phivault.auth.schemas import (
 )
 from phivault.auth.service import (
     email_lookup,
+    email_lookups,
     new_opaque_token,
     revoke_sessions,
     token_digest,
@@ -89,8 +90,10 @@ class Accounts:
         self.blind_index = blind_index
         self.passwords = passwords
 
-    async def _email_free(self, session: AsyncSession, lookup: bytes) -> None:
-        taken = (await session.execute(select(User.id).where(User.email_index == lookup))
+    async def _email_free(self, session: AsyncSession, email: str) -> None:
+        """Refuse an email some account has, under either index key during a rotation."""
+        taken = (await session.execute(select(User.id).where(
+            User.email_index.in_(email_lookups(self.blind_index, email))).limit(1))
                  ).scalar_one_or_none()
         if taken is not None:
             raise EmailTaken()
@@ -125,7 +128,7 @@ class Accounts:
             raise WeakPassword(f"The password {problem}.")
         # Hashed before the transaction begins (`db/phases.py`): no lock is held meanwhile.
         password_hash = await self.passwords.hash(request.password)
-        await self._email_free(session, email_lookup(self.blind_index, request.email))
+        await self._email_free(session, request.email)
         user = self._new_user(session, request.email, Role.PATIENT, password_hash)
         await session.flush()
         self._new_patient_profile(session, user, request.full_name, request.birth_date,
@@ -154,7 +157,7 @@ class Accounts:
         account is `pending` and has no token yet: `approve_staff` by another admin makes it."""
         if request.specialty is not None and request.role != "doctor":
             raise Conflict("Only doctors have a specialty.")
-        await self._email_free(session, email_lookup(self.blind_index, request.email))
+        await self._email_free(session, request.email)
         user = self._new_user(session, request.email, request.role, None)
         user.created_by = creator
         token = None
@@ -268,7 +271,7 @@ class Accounts:
         if problem:
             raise WeakPassword(f"The password {problem}.")
         password_hash = await self.passwords.hash(password)  # before the transaction begins
-        await self._email_free(session, email_lookup(self.blind_index, email))
+        await self._email_free(session, email)
         user = self._new_user(session, email, role, password_hash)
         await session.flush()
         if role == Role.PATIENT:
@@ -345,7 +348,8 @@ class Accounts:
         if not is_bcrypt_hash(hashed):
             return "password_hash is not a bcrypt hash"
         lookup = email_lookup(self.blind_index, email)
-        taken = (await session.execute(select(User.id).where(User.email_index == lookup))
+        taken = (await session.execute(select(User.id).where(
+            User.email_index.in_(email_lookups(self.blind_index, email))).limit(1))
                  ).scalar_one_or_none()
         if taken is not None or lookup in seen:
             return "email already registered"

@@ -58,7 +58,14 @@ def new_opaque_token() -> str:
 
 
 def email_lookup(index: BlindIndex, email: str) -> bytes:
+    """The blind index a user's email is stored under (the current index key)."""
     return index.digest("users", "email", normalise_email(email))
+
+
+def email_lookups(index: BlindIndex, email: str) -> tuple[bytes, ...]:
+    """Every blind index an email may be stored under: during a rotation of the index key,
+    rows not yet made again (`phivault keys reindex`) still hold the previous key's."""
+    return index.digests("users", "email", normalise_email(email))
 
 
 async def user_cipher(session: AsyncSession, envelope: Envelope, user: User) -> RowCipher:
@@ -109,7 +116,8 @@ class Authenticator:
         account = lookup.hex()
         await self.limits.begin_attempt(account)
         async with reads_only(session):
-            user = (await session.execute(select(User).where(User.email_index == lookup))
+            user = (await session.execute(select(User).where(
+                User.email_index.in_(email_lookups(self.blind_index, email))))
                     ).scalar_one_or_none()
         # The hash runs with no transaction open (`db/phases.py`), and so does the rehash.
         stored = user.password_hash if user is not None else None
@@ -463,6 +471,6 @@ async def revoke_sessions(session: AsyncSession, *where: object) -> int:
     return len(revoked_users)
 
 
-__all__ = ["Authenticator", "IssuedTokens", "email_lookup", "lock_active_user",
+__all__ = ["Authenticator", "IssuedTokens", "email_lookup", "email_lookups", "lock_active_user",
            "new_opaque_token", "require_active_user", "require_live_session", "revoke_sessions",
            "token_digest"]

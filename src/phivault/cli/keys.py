@@ -1,4 +1,5 @@
-"""`phivault keys generate|status|rewrap`: key material and master-key rotation."""
+"""`phivault keys generate|status|rewrap|reindex`: key material, master-key rotation and
+index-key rotation."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ import uuid
 from typing import Annotated
 
 import typer
+from sqlalchemy import func, select
 
 from phivault.audit import service as audit
 from phivault.audit.actions import Action
+from phivault.auth.models import User
+from phivault.auth.reindex import reindex_batch
 from phivault.cli.common import fail, progress, run_with_runtime
 from phivault.crypto.keys import KeyKind, generate_key_line
 from phivault.keys import service
 from phivault.runtime import Runtime
 
-app = typer.Typer(help="Generate keys, count data keys per master key, re-wrap after rotation.",
+app = typer.Typer(help="Generate keys, count data keys per master key, re-wrap after a master "
+                       "key rotation, re-index after an index key rotation.",
                   no_args_is_help=True)
 
 
@@ -100,3 +105,50 @@ def rewrap(
         fail(f"{left} data keys are still under a master key that is not in "
              "PHIVAULT_MASTER_KEYS; see `phivault keys status`")
     typer.echo("every data key is wrapped by the active master key")
+
+
+@app.command()
+def reindex(
+    batch_size: Annotated[int, typer.Option(min=1, max=100_000,
+                                            help="Accounts per transaction.")] = 2000,
+) -> None:
+    """Make every account's email blind index again under the current PHIVAULT_INDEX_KEY.
+
+    To rotate the index key: put the new key in PHIVAULT_INDEX_KEY and the old one in
+    PHIVAULT_INDEX_KEY_PREVIOUS, restart the servers (logins then match either), run this, and
+    once it reports every index current, remove PHIVAULT_INDEX_KEY_PREVIOUS and restart.
+    Batched, resumable after a crash, idempotent, and safe while the server serves. Exits 1
+    when some account's email failed its integrity check (left as it is).
+    """
+
+    async def work(runtime: Runtime) -> tuple[int, int, int]:
+        async with runtime.sessions() as session:
+            total = int((await session.execute(
+                select(func.count()).select_from(User).where(User.email_index.is_not(None)))
+            ).scalar_one())
+        seen = changed = 0
+        failed: list[uuid.UUID] = []
+        after: uuid.UUID | None = None
+        with progress("reindex", total) as report:
+            while True:
+                async with runtime.unit_of_work() as session:
+                    batch = await reindex_batch(session, runtime.envelope,
+                                                runtime.blind_index, after, batch_size)
+                if batch.last_id is None:
+                    break
+                after = batch.last_id
+                seen, changed = seen + batch.seen, changed + batch.changed
+                failed += batch.failed
+                report.advance(batch.seen)
+        async with runtime.unit_of_work() as session:
+            audit.record(session, Action.KEY_REINDEX,
+                         metadata={"accounts": seen, "reindexed": changed,
+                                   "failed": len(failed)})
+        return seen, changed, len(failed)
+
+    seen, changed, failed = run_with_runtime("keys-reindex", work)
+    if failed:
+        fail(f"{failed} accounts' emails failed their integrity check and kept their index "
+             f"(the other {seen - failed} are current; {changed} were made again)")
+    typer.echo(f"every email index is under the current PHIVAULT_INDEX_KEY ({seen} accounts, "
+               f"{changed} made again)")

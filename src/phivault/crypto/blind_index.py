@@ -26,13 +26,16 @@ class BlindIndex:
     key and equal values in different columns have unrelated digests.
     """
 
-    __slots__ = ("_index_key", "_macs")
+    __slots__ = ("_index_key", "_macs", "previous")
 
-    def __init__(self, index_key: bytes) -> None:
+    def __init__(self, index_key: bytes, previous: bytes | None = None) -> None:
         if len(index_key) != KEY_BYTES:
             raise KeyFormatError(f"index key must be {KEY_BYTES} bytes, got {len(index_key)}")
         self._index_key = bytes(index_key)
         self._macs: dict[tuple[str, str], HMAC] = {}
+        # During a rotation (`phivault keys reindex`), the key the stored digests were made
+        # with until they are all made again: lookups try both, writes use the current one.
+        self.previous = BlindIndex(previous) if previous is not None else None
 
     def __repr__(self) -> str:
         return "BlindIndex(index_key=<masked>)"
@@ -56,6 +59,14 @@ class BlindIndex:
         mac = self._column_mac(table, column).copy()
         mac.update(value.encode("utf-8"))
         return mac.finalize()
+
+    def digests(self, table: str, column: str, value: str) -> tuple[bytes, ...]:
+        """The digests a stored value may have: under the current key, and during a rotation
+        under the previous one too (a lookup matches either)."""
+        current = self.digest(table, column, value)
+        if self.previous is None:
+            return (current,)
+        return current, self.previous.digest(table, column, value)
 
     def digest_email(self, table: str, column: str, email: str) -> bytes:
         """Return the digest of `normalise_email(email)`."""

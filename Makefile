@@ -50,6 +50,7 @@ bench: $(VENV)/.dev-installed ## Run the benchmarks; results land in bench/resul
 	PYTHONPATH=src $(BIN)/python bench/attachment_bench.py
 	PYTHONPATH=src $(BIN)/python bench/api_bench.py
 	PYTHONPATH=src $(BIN)/python bench/login_storm_bench.py
+	PYTHONPATH=src $(BIN)/python bench/rewrap_bench.py
 
 clean: ## Remove the virtualenv and caches (keeps ./var/).
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -77,15 +77,21 @@ def rewrap(
         async with runtime.sessions() as session:
             total = await service.count_to_rewrap(session, runtime.envelope)
         done, failed = 0, set[uuid.UUID]()
+        after: uuid.UUID | None = None  # passes over the table by id; see `rewrap_batch`
         with progress("rewrap", total) as report:
             while True:
                 async with runtime.unit_of_work() as session:
                     batch = await service.rewrap_batch(session, runtime.envelope, batch_size,
-                                                       failed)
+                                                       failed, after=after)
                 failed.update(batch.failed)
-                if batch.rewritten or batch.failed:
-                    done += batch.rewritten
-                    report.advance(batch.rewritten + len(batch.failed))
+                done += batch.rewritten
+                report.advance(batch.rewritten + len(batch.failed))
+                if batch.last_id is not None:
+                    after = batch.last_id
+                elif after is not None:
+                    # The end of a pass: one more from the start, for rows another rewrap held
+                    # or a server not yet restarted wrapped under an old key meanwhile.
+                    after = None
                 elif batch.locked:
                     await asyncio.sleep(0.2)  # another rewrap holds rows; wait for it
                 else:

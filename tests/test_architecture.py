@@ -19,6 +19,7 @@ SERVICES = [
     "privacy/erasure.py", "privacy/rectification.py", "privacy/research.py",
     "privacy/export.py", "privacy/fhir.py", "ops/mail.py", "ops/smtp.py",
     "auth/reindex.py", "ops/redis_client.py", "ops/addresses.py", "db/phases.py", "db/tls.py",
+    "ops/metrics.py",
 ]
 FRAMEWORK = ("fastapi", "starlette", "uvicorn")
 

@@ -35,6 +35,7 @@ from phivault.db.engine import COMMAND_TIMEOUT_SECONDS, create_engine, create_se
 from phivault.errors import PhivaultError, Unavailable, database_unavailable
 from phivault.keys.service import forget_new_keys
 from phivault.observability import get_logger
+from phivault.ops import metrics
 
 __all__ = ["Runtime"]
 
@@ -76,6 +77,7 @@ class Runtime:
         engine = create_engine(settings.database_url_value,
                                pool_size=pool_size or settings.db_pool_size,
                                command_timeout=command_timeout)
+        metrics.instrument_pool(engine)
         queue_key = derive_key(settings.audit_key_bytes, "audit-queue")
         if chain_after_commit is None:
             chain_after_commit = engine.dialect.name == "sqlite"
@@ -225,6 +227,7 @@ class Runtime:
         self.session_cache.rolled_back(session)
         durable = audit_service.take_pending(session, durable_only=True)
         if isinstance(exc, IntegrityError):
+            metrics.INTEGRITY_FAILURES.inc()
             audit_service.record(session, Action.INTEGRITY_FAILURE, outcome=Outcome.ERROR)
             durable += audit_service.take_pending(session)
         if durable and isinstance(exc, Exception):

@@ -133,6 +133,7 @@ ROUTES: dict[tuple[str, str], Audited | Unaudited] = {
     # Outside the API.
     ("GET", "/healthz"): Unaudited("liveness"),
     ("GET", "/readyz"): Unaudited("readiness"),
+    ("GET", "/metrics"): Unaudited("operators' metrics: counts by route template, no PHI, no ids"),
     ("GET", "/.well-known/jwks.json"): Unaudited("public keys of access tokens"),
     ("GET", "/.well-known/audit-key.json"): Unaudited("public key of audit checkpoints"),
     ("GET", "/docs"): Unaudited("the interactive docs page"),

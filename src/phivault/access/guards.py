@@ -7,10 +7,11 @@ the app's routes and fails on any route that declares neither.
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from phivault.access.permissions import Role
@@ -18,7 +19,8 @@ from phivault.audit import service as audit
 from phivault.audit.actions import Action, Outcome
 from phivault.auth.tokens import AccessClaims
 from phivault.errors import Forbidden, InvalidToken, Unauthenticated
-from phivault.request_context import Actor, set_actor
+from phivault.ops.addresses import is_loopback
+from phivault.request_context import Actor, current_request, set_actor
 from phivault.web.dependencies import RuntimeDep, SessionDep
 
 _bearer = HTTPBearer(auto_error=False, description="An access token from POST /auth/login.")
@@ -77,6 +79,27 @@ class Public(AccessRule):
 
     async def __call__(self) -> None:
         return None
+
+
+class LoopbackOrToken(AccessRule):
+    """Operators' routes (`/metrics`): a caller on this host (the client address, as the proxy
+    rules decide it), or one that presents `PHIVAULT_METRICS_TOKEN` as a bearer token; anyone
+    else gets 403 `forbidden`. Never a user's access token: metrics are not for accounts."""
+
+    def describe(self) -> str:
+        return "loopback or metrics token"
+
+    async def __call__(self, request: Request, runtime: RuntimeDep) -> None:
+        address = current_request().ip
+        if address is not None and is_loopback(address):
+            return
+        token = runtime.settings.metrics_token
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        if (token is not None and scheme.lower() == "bearer"
+                and hmac.compare_digest(presented.strip().encode(),
+                                        token.get_secret_value().encode())):
+            return
+        raise Forbidden()
 
 
 class Allow(AccessRule):
@@ -141,5 +164,6 @@ def declared_rules(dependant: object) -> list[AccessRule]:
     return found
 
 
-__all__ = ["ANY_ROLE", "AccessRule", "Allow", "AllowEnrolling", "Principal", "Public",
+__all__ = ["ANY_ROLE", "AccessRule", "Allow", "AllowEnrolling", "LoopbackOrToken", "Principal",
+           "Public",
            "RouteEntry", "app_routes", "authenticate", "declared_rules"]

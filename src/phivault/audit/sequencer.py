@@ -53,6 +53,7 @@ from phivault.db.base import core_table, utcnow
 from phivault.db.engine import READ_ONLY
 from phivault.errors import database_unavailable
 from phivault.observability import get_logger
+from phivault.ops import metrics
 
 BATCH = 2000
 # How long an idle sequencer waits before looking at the queue again. A commit in this process
@@ -182,7 +183,10 @@ class Sequencer:
             now = utcnow()
             self.stats.batches += 1
             self.stats.events += len(times)
-            self.stats.delays.extend((now - at).total_seconds() for at in times)
+            delays = [(now - at).total_seconds() for at in times]
+            self.stats.delays.extend(delays)
+            for delay in delays:
+                metrics.MERGE_DELAY.observe(delay)
         return taken
 
     async def _chain(self, connection: AsyncConnection, seq: int, prev: bytes

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from phivault.audit.flood import RefusalBound, client_network
 from phivault.errors import AccountLockedOut, RateLimited, Unavailable
 from phivault.observability import get_logger
+from phivault.ops import metrics
 from phivault.ops.redis_client import redis_options
 
 log = get_logger("phivault.auth.ratelimits")
@@ -105,6 +106,7 @@ class AuthLimits:
             failing = (await self._count("attempts", account)
                        - await self._count("successes", account))
         if failing > self.lockout.amount:
+            metrics.LOCKOUTS.inc()
             raise AccountLockedOut(await self._retry_after(self._counter, "attempts", account))
 
     async def attempt_succeeded(self, account: str) -> None:

@@ -41,6 +41,7 @@ from phivault.errors import (
     WeakPassword,
 )
 from phivault.keys.service import RowCipher, row_cipher
+from phivault.ops import metrics
 from phivault.request_context import Actor, current_request
 
 LOGIN = "login"
@@ -164,6 +165,7 @@ class Authenticator:
 
     def _failed(self, session: AsyncSession, user: User | None, reason: str) -> NoReturn:
         """Audit the failed attempt (it stays counted by the lock-out) and refuse it."""
+        metrics.auth_failure(reason)
         audit.record(session, Action.LOGIN_FAILURE, outcome=Outcome.DENIED,
                      actor=Actor(user.id, user.role) if user else Actor(None, None),
                      resource_type="user", resource_id=user.id if user else None,

@@ -1,4 +1,4 @@
-"""Liveness and readiness, outside `/api/v1`.
+"""Liveness, readiness and metrics, outside `/api/v1`.
 
 Readiness is bounded: when the database neither answers nor refuses (a host that drops packets,
 a server that accepts and then says nothing, a pool that stays full), `/readyz` says 503
@@ -12,12 +12,13 @@ import asyncio
 from typing import Literal
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from phivault.access.guards import Public
+from phivault.access.guards import LoopbackOrToken, Public
 from phivault.db.engine import READ_ONLY
+from phivault.ops import metrics
 from phivault.web.dependencies import RuntimeDep
 from phivault.web.errors import framework_error, responses
 
@@ -56,3 +57,17 @@ async def readyz(runtime: RuntimeDep) -> Health | JSONResponse:
     if not await runtime.authenticator.limits.ready():
         return framework_error(503)
     return Health(status="ready")
+
+
+@router.get("/metrics", dependencies=[Depends(LoopbackOrToken())], summary="Metrics",
+            response_class=Response, responses={
+                200: {"description": "Prometheus text (version 0.0.4).",
+                      "content": {"text/plain": {"schema": {"type": "string"}}}},
+                **responses(403)})
+async def prometheus_metrics(runtime: RuntimeDep) -> Response:
+    """Prometheus metrics of every worker of this server (`ops/metrics.py`): requests and
+    latency by route template, auth failures, lock-outs, integrity failures, the audit
+    queue's depth and merge delay, the database connections. No PHI and no ids in any label.
+    From this host (loopback), or with `Authorization: Bearer $PHIVAULT_METRICS_TOKEN`."""
+    body, media_type = await metrics.render(runtime.engine)
+    return Response(body, media_type=media_type, headers={"Cache-Control": "no-store"})

@@ -21,6 +21,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phivault.observability import get_logger
+from phivault.ops import metrics
 from phivault.request_context import (
     RequestContext,
     new_request_id,
@@ -167,9 +168,11 @@ class RequestGuardMiddleware:
                 await _send_json(send, status, ctx.request_id, path)
                 state.update(started=True, status=status)
         finally:
+            elapsed = time.perf_counter() - started
             log.info("request", method=scope["method"], path=path, status=state["status"],
-                     duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                     ip=ctx.ip)
+                     duration_ms=round(elapsed * 1000, 2), ip=ctx.ip)
+            metrics.observe_request(scope["method"], metrics.route_of(scope),
+                                    int(state["status"] or 0), elapsed)
             structlog.contextvars.unbind_contextvars("request_id")
             restore_actor(actor_token)
             reset_request(token)

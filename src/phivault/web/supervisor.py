@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from types import FrameType
 import uvicorn
 
 from phivault.observability import configure_logging, get_logger
+from phivault.ops import metrics
 from phivault.web.server import DRAIN_TIMEOUT, INTERRUPTED, PhivaultServer
 
 log = get_logger("phivault.server")
@@ -86,6 +89,11 @@ class Supervisor:
     def run(self) -> int:
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGINT, signal.SIGTERM)}
+        # One metrics directory for this server's workers (`ops/metrics.py`): each keeps its
+        # values in files there, and a scrape of any worker adds them up. Set before the
+        # workers start (they read it when they import prometheus-client); removed at the end.
+        metrics_dir = tempfile.mkdtemp(prefix="phivault-metrics-")
+        os.environ[metrics.MULTIPROC_ENV] = metrics_dir
         try:
             log.info("supervisor_started", pid=os.getpid(), workers=self.count)
             self.workers = [self._start() for _ in range(self.count)]
@@ -95,6 +103,8 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            os.environ.pop(metrics.MULTIPROC_ENV, None)
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
     def _on_signal(self, sig: int, _frame: FrameType | None) -> None:
         self._signals.append(sig)
@@ -132,6 +142,8 @@ class Supervisor:
                               exit_code=exit_code)
                     return True
                 log.warning("worker_died", pid=worker.process.pid, exit_code=exit_code)
+                if worker.process.pid is not None:
+                    metrics.worker_died(worker.process.pid)
                 worker.started_pipe.close()
                 self.workers[index] = self._start()
         return False

@@ -211,6 +211,15 @@ class Settings(BaseSettings):
         decode_key(value.get_secret_value())
         return value
 
+    @field_validator("metrics_token")
+    @classmethod
+    def _check_metrics_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None  # blank: no token (a blank one would match a blank bearer)
+        if len(value.get_secret_value().strip()) < 32:
+            raise ValueError("must be at least 32 characters (`openssl rand -hex 32`)")
+        return value
+
     @field_validator("index_key_previous")
     @classmethod
     def _check_previous_index_key(cls, value: SecretStr | None) -> SecretStr | None:

@@ -22,7 +22,8 @@ SENSITIVE_KEYS = frozenset({
     "authorization", "cookie", "set_cookie", "password", "current_password", "new_password",
     "password_hash", "token", "access_token", "refresh_token", "setup_token", "id_token",
     "secret", "totp_secret", "totp_code", "code", "otpauth_uri", "api_key", "master_keys",
-    "index_key", "audit_key", "jwt_keys", "metrics_token", "database_url", "redis_url",
+    "index_key", "index_key_previous", "audit_key", "jwt_keys", "metrics_token",
+    "database_url", "redis_url",
     "private_key", "key", "smtp_url", "mail_from", "to", "recipient",
     # PHI (SPEC §4).
     "email", "full_name", "name", "birth_date", "sex", "phone", "address", "reason", "notes",

@@ -23,6 +23,7 @@ from phivault.clinical.models import (
 from phivault.privacy.models import Consent
 from phivault.runtime import Runtime
 from tests.conftest import client_for
+from tests.factories import make_user
 from tests.helpers import cli_env, run_cli
 
 CHEAP = {"PHIVAULT_ARGON2_MEMORY_KIB": "8", "PHIVAULT_ARGON2_TIME_COST": "1"}
@@ -97,3 +98,16 @@ def test_the_demo_refuses_in_production(tmp_path: Any) -> None:
     refused = run_cli("demo", env=env)
     assert refused.returncode == 2, refused.stderr
     assert "refuses with PHIVAULT_ENV=prod" in refused.stderr
+
+
+async def test_the_demo_refuses_an_instance_with_people_in_it(
+        fresh_runtime: Callable[..., Any]) -> None:
+    """`PHIVAULT_ENV` is `dev` unless set: the demo must not add fake patients, staff and a
+    break-glass to an instance that holds real accounts (an outside review)."""
+    rt: Runtime = await fresh_runtime()
+    await make_user(rt)
+    before = await count(rt, AuditEvent)
+    refused = run_cli("demo", env=cli_env(rt, **CHEAP))
+    assert refused.returncode == 1, refused.stderr
+    assert "has 1 accounts already" in refused.stderr
+    assert await count(rt, AuditEvent) == before and await count(rt, MedicalRecord) == 0

@@ -17,7 +17,7 @@ from phivault.crypto.keys import KeyKind, generate_key_line
 from phivault.privacy import erasure
 from phivault.runtime import Runtime
 from tests.conftest import client_for
-from tests.factories import PASSWORD, make_user, new_email
+from tests.factories import PASSWORD, make_user, new_email, sign_in
 from tests.helpers import cli_env, run_cli
 
 API = "/api/v1"
@@ -89,3 +89,47 @@ async def test_logins_work_before_during_and_after_the_move(
     assert first.changed in (1, 2)
     assert [(e["accounts"], e["reindexed"], e["failed"]) for e in events] == [
         (6, 5 - first.changed, 0), (6, 0, 0)]
+
+
+async def test_a_rotation_keeps_one_lockout_per_account(
+        fresh_runtime: Callable[..., Any]) -> None:
+    """Logins and password re-checks (TOTP set-up, erasure) count failures under one key, the
+    email's digest under the current index key, also before the account is reindexed: a
+    stolen access token gets no guessing budget of its own (an outside review)."""
+    old = await fresh_runtime()
+    user = await make_user(old, email=new_email("lock"))
+    during = await fresh_runtime(database_url=old.settings.database_url_value,
+                                 index_key=generate_key_line(KeyKind.INDEX),
+                                 index_key_previous=old.settings.index_key.get_secret_value())
+    await sign_in(during, user)
+    async with client_for(during) as client:
+        for _ in range(6):
+            await client.post(f"{API}/auth/mfa/setup", headers=user.headers,
+                              json={"password": "wrong " + PASSWORD})
+        answer = await client.post(f"{API}/auth/login", json={"email": user.email,
+                                                               "password": PASSWORD})
+    assert answer.status_code == 429, answer.text  # the same lock-out
+
+
+async def test_two_accounts_under_one_email_cannot_sign_in_nor_stop_the_reindex(
+        fresh_runtime: Callable[..., Any]) -> None:
+    """A server run with the new key and without the previous one lets a second account take
+    an email: neither then signs in (never a 500, never as the other), and `reindex` leaves
+    that row, reports it and carries on with the rest."""
+    old = await fresh_runtime()
+    email = new_email("twice")
+    await make_user(old, email=email)
+    others = [await make_user(old, email=new_email("p")) for _ in range(3)]
+    url, old_key = old.settings.database_url_value, old.settings.index_key.get_secret_value()
+    new_key = generate_key_line(KeyKind.INDEX)
+    misrun = await fresh_runtime(database_url=url, index_key=new_key)
+    async with client_for(misrun) as client:
+        assert (await register(client, email)).status_code == 201  # the operator's mistake
+    during = await fresh_runtime(database_url=url, index_key=new_key,
+                                 index_key_previous=old_key)
+    assert await login(during, email) == 401
+    env = cli_env(during, PHIVAULT_INDEX_KEY=new_key, PHIVAULT_INDEX_KEY_PREVIOUS=old_key)
+    done = run_cli("keys", "reindex", "--batch-size", "2", env=env)
+    assert done.returncode == 1 and "1 accounts share an email" in done.stderr, done.stderr
+    after = await fresh_runtime(database_url=url, index_key=new_key)
+    assert [await login(after, other.email) for other in others] == [200] * 3

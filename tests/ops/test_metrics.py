@@ -4,18 +4,21 @@ labels from closed sets only (no PHI, no ids), and the sums of every worker of a
 from __future__ import annotations
 
 import re
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from phivault.config import ConfigError
 from phivault.runtime import Runtime
 from tests.cli.test_shutdown import Served, serve  # noqa: F401 - the fixture
-from tests.conftest import client_for
+from tests.conftest import build_settings, client_for
 from tests.factories import PASSWORD, signed_in
 
-TOKEN = "metrics-" + "scrape-token-for-tests"  # noqa: S105 - a test's own token
+TOKEN = secrets.token_hex(16)  # a test's own token, made now
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -94,3 +97,34 @@ async def test_the_metrics_add_up_every_worker(
     # Whichever worker answers the scrape, it adds up both workers' counts: every /healthz
     # the server logged (ours, and the fixture's while it waited for the server to answer).
     assert totals == {served.log.read_text().count('"path": "/healthz"')}
+
+
+# An outside review of the first version.
+
+async def test_a_client_cannot_make_its_own_label_values(runtime: Runtime) -> None:
+    """h11 takes any method word: each would have been a new series, with the client's text."""
+    async with client_for(runtime) as client:
+        for word in ("JANE-DOE-DOB-1984", "BREW", "PROPFIND"):
+            await client.request(word, "/healthz")
+    methods = {dict(labels)["method"] for labels in
+               samples(await scrape(runtime), "phivault_http_requests_total")}
+    assert "JANE-DOE-DOB-1984" not in methods and "other" in methods
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}
+
+
+async def test_a_blank_token_opens_nothing_and_a_short_one_is_refused(
+        fresh_runtime: Callable[..., Awaitable[Runtime]], keys_env: dict[str, str]) -> None:
+    rt = await fresh_runtime(metrics_token="")
+    async with client_for(rt) as remote:
+        assert (await remote.get("/metrics", headers={"Authorization": "Bearer"})
+                ).status_code == 403
+    with pytest.raises(ConfigError, match="at least 32 characters"):
+        build_settings(keys_env, "sqlite+aiosqlite:///unused.db", metrics_token="too short")
+
+
+async def test_a_forwarded_request_is_never_this_host(runtime: Runtime) -> None:
+    """A proxy on loopback forwards a header its rules could not use: the proxy's own address
+    is left as the client's, which must not count as this host."""
+    async with client_for(runtime, ip="127.0.0.1") as via_proxy:
+        for header in ({"X-Forwarded-For": "not an address"}, {"Forwarded": "for=unknown"}):
+            assert (await via_proxy.get("/metrics", headers=header)).status_code == 403

@@ -91,7 +91,11 @@ class LoopbackOrToken(AccessRule):
 
     async def __call__(self, request: Request, runtime: RuntimeDep) -> None:
         address = current_request().ip
-        if address is not None and is_loopback(address):
+        forwarded = "x-forwarded-for" in request.headers or "forwarded" in request.headers
+        # A request a proxy forwarded is never "this host": behind a proxy on loopback (nginx,
+        # a sidecar), a forwarding header the proxy rules could not use would otherwise leave
+        # the proxy's own address as the client's.
+        if address is not None and is_loopback(address) and not forwarded:
             return
         token = runtime.settings.metrics_token
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from sqlalchemy import and_, bindparam, select, update
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from phivault.auth.models import User
@@ -43,6 +44,7 @@ class ReindexBatch:
     seen: int = 0
     changed: int = 0
     failed: list[uuid.UUID] = field(default_factory=list)
+    conflicts: list[uuid.UUID] = field(default_factory=list)
 
 
 async def reindex_batch(session: AsyncSession, envelope: Envelope, index: BlindIndex,
@@ -70,8 +72,16 @@ async def reindex_batch(session: AsyncSession, envelope: Envelope, index: BlindI
         if current != row.email_index:
             updates.append({"b_id": row.id, "b_old": row.email_index, "b_new": current})
     for values in updates:
-        # One statement each: a batch's rowcount is not reported by every driver (asyncpg's
-        # executemany), and the count says how many were made again.
-        result = await session.execute(_SET_INDEX, values)
+        # One statement each, in a savepoint: a batch's rowcount is not reported by every
+        # driver (asyncpg's executemany), and one conflicting row must not stop the rest.
+        try:
+            async with session.begin_nested():
+                result = await session.execute(_SET_INDEX, values)
+        except DBIntegrityError:
+            # Another account already holds this email's new digest: two accounts with one
+            # email, which a server run with the new key and without the previous one lets
+            # in. Left as it is, for the operator (`conflicts`; the README says how).
+            batch.conflicts.append(values["b_id"])
+            continue
         batch.changed += int(result.rowcount)  # type: ignore[attr-defined]
     return batch

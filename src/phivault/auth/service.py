@@ -117,9 +117,12 @@ class Authenticator:
         account = lookup.hex()
         await self.limits.begin_attempt(account)
         async with reads_only(session):
-            user = (await session.execute(select(User).where(
-                User.email_index.in_(email_lookups(self.blind_index, email))))
-                    ).scalar_one_or_none()
+            found = (await session.execute(select(User).where(
+                User.email_index.in_(email_lookups(self.blind_index, email))).limit(2))
+                     ).scalars().all()
+        # Two accounts under one email can only follow a misrun index-key rotation (a server
+        # with the new key and without the previous one); neither may sign in as the other.
+        user = found[0] if len(found) == 1 else None
         # The hash runs with no transaction open (`db/phases.py`), and so does the rehash.
         stored = user.password_hash if user is not None else None
         valid = await self.passwords.verify(stored, password)
@@ -309,7 +312,8 @@ class Authenticator:
             user = await self._user(session, user_id)
             email = (await user_cipher(session, self.envelope, user)).open("email",
                                                                            user.email or b"")
-        if not await self._recheck_password(user, current):
+            account = await self._lockout_account(session, user)
+        if not await self._recheck_password(user, current, account):
             audit.record(session, Action.PASSWORD_CHANGED, outcome=Outcome.DENIED,
                          resource_type="user", resource_id=user.id,
                          metadata={"reason": "bad_password"})
@@ -331,7 +335,8 @@ class Authenticator:
         stolen access token alone cannot change MFA."""
         async with reads_only(session):
             user = await self._user(session, user_id)
-        if not await self._recheck_password(user, password):
+            account = await self._lockout_account(session, user)
+        if not await self._recheck_password(user, password, account):
             audit.record(session, Action.ACCESS_DENIED, outcome=Outcome.DENIED,
                          resource_type="user", resource_id=user.id,
                          metadata={"reason": "mfa_setup_bad_password"})
@@ -375,17 +380,27 @@ class Authenticator:
         runs in a new one, with the account locked and read again."""
         async with reads_only(session):
             user = await self._user(session, user_id)
-        if not await self._recheck_password(user, password):
+            account = await self._lockout_account(session, user)
+        if not await self._recheck_password(user, password, account):
             audit.record(session, Action.ACCESS_DENIED, outcome=Outcome.DENIED,
                          resource_type="user", resource_id=user.id,
                          metadata={"reason": reason})
             raise InvalidCredentials()
         await self._relock(session, user)
 
-    async def _recheck_password(self, user: User, password: str) -> bool:
-        """The current password again (password change, TOTP set-up), under the same lock-out
-        as logins: a stolen access token is no password-guessing oracle."""
-        account = user.email_index.hex() if user.email_index else user.id.hex
+    async def _lockout_account(self, session: AsyncSession, user: User) -> str:
+        """The lock-out's key for `user`: the one logins use, the email's digest under the
+        current index key (not the stored digest, which during a rotation of that key may
+        still be the previous key's: the two would count apart)."""
+        if user.email is None:
+            return user.id.hex
+        email = (await user_cipher(session, self.envelope, user)).open("email", user.email)
+        return email_lookup(self.blind_index, email).hex()
+
+    async def _recheck_password(self, user: User, password: str, account: str) -> bool:
+        """The current password again (password change, TOTP set-up, erasure), under the same
+        lock-out as logins (`account`, from `_lockout_account`): a stolen access token is no
+        password-guessing oracle."""
         await self.limits.begin_attempt(account)
         if not await self.passwords.verify(user.password_hash, password):
             return False

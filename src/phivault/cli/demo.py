@@ -10,8 +10,9 @@ their minds; records (one amended), prescriptions, a doctor's proposal, and a br
 a doctor with no care relationship, which notifies the patient. Everyone's password is random,
 made now, and printed once; nothing is stored anywhere else.
 
-It refuses in production (`PHIVAULT_ENV=prod`), and on an instance that already has its demo
-clinic (the admin's email is taken): start from an empty database to make another.
+It refuses in production (`PHIVAULT_ENV=prod`), on an instance that holds any account (it is
+for an empty development instance, never one with real people in it), and on one that has its
+demo clinic already: start from an empty database to make another.
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ from typing import Any
 
 import httpx
 import typer
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from phivault.audit.actions import Action
+from phivault.auth.models import User
+from phivault.auth.service import email_lookups
 from phivault.cli.common import fail, run_with_runtime, settings_or_exit
 from phivault.errors import EmailTaken
 from phivault.runtime import Runtime
@@ -69,6 +74,11 @@ def tiny_png() -> bytes:
     rows = b"".join(b"\x00" + bytes(16 * ((x + y) % 8) for x in range(8)) for y in range(8))
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+async def _has_demo_admin(session: AsyncSession, runtime: Runtime, email: str) -> bool:
+    return (await session.execute(select(User.id).where(
+        User.email_index.in_(email_lookups(runtime.blind_index, email))))).first() is not None
 
 
 class Clinic:
@@ -132,6 +142,11 @@ async def build(runtime: Runtime) -> tuple[list[Person], int]:
 
     admin = Person("admin", "Ada Admin", ADMIN_EMAIL, new_password())
     async with runtime.unit_of_work() as session:
+        accounts = int((await session.execute(select(func.count()).select_from(User)))
+                       .scalar_one())
+        if accounts and not await _has_demo_admin(session, runtime, admin.email):
+            raise DemoFailed(f"this instance has {accounts} accounts already; the demo fills "
+                             "an empty development instance only")
         try:
             user = await runtime.accounts.create_with_password(
                 session, admin.email, "admin", admin.name, None, admin.password)

@@ -127,13 +127,14 @@ def reindex(
     when some account's email failed its integrity check (left as it is).
     """
 
-    async def work(runtime: Runtime) -> tuple[int, int, int]:
+    async def work(runtime: Runtime) -> tuple[int, int, int, int]:
         async with runtime.sessions() as session:
             total = int((await session.execute(
                 select(func.count()).select_from(User).where(User.email_index.is_not(None)))
             ).scalar_one())
         seen = changed = 0
         failed: list[uuid.UUID] = []
+        conflicts: list[uuid.UUID] = []
         after: uuid.UUID | None = None
         with progress("reindex", total) as report:
             while True:
@@ -145,14 +146,19 @@ def reindex(
                 after = batch.last_id
                 seen, changed = seen + batch.seen, changed + batch.changed
                 failed += batch.failed
+                conflicts += batch.conflicts
                 report.advance(batch.seen)
         async with runtime.unit_of_work() as session:
             audit.record(session, Action.KEY_REINDEX,
                          metadata={"accounts": seen, "reindexed": changed,
-                                   "failed": len(failed)})
-        return seen, changed, len(failed)
+                                   "failed": len(failed) + len(conflicts)})
+        return seen, changed, len(failed), len(conflicts)
 
-    seen, changed, failed = run_with_runtime("keys-reindex", work)
+    seen, changed, failed, conflicts = run_with_runtime("keys-reindex", work)
+    if conflicts:
+        fail(f"{conflicts} accounts share an email with another account (registered while a "
+             "server ran the new index key without PHIVAULT_INDEX_KEY_PREVIOUS); they kept "
+             "their index: see the README's index-key rotation")
     if failed:
         fail(f"{failed} accounts' emails failed their integrity check and kept their index "
              f"(the other {seen - failed} are current; {changed} were made again)")

@@ -61,6 +61,17 @@ def keys_env() -> dict[str, str]:
     return generate_keys()
 
 
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
+    """Fresh keys in the process environment, run from an empty folder (no stray .env): for
+    tests of how settings load."""
+    monkeypatch.chdir(tmp_path)
+    keys = generate_keys()
+    for name, value in keys.items():
+        monkeypatch.setenv(name, value)
+    return keys
+
+
 # Tests that are not about hashing or rate limits use cheap argon2 parameters and a per-IP
 # limit no suite reaches (every test client comes from the same address).
 TEST_DEFAULTS: dict[str, Any] = {"argon2_memory_kib": 8, "argon2_time_cost": 1,

@@ -8,11 +8,41 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
+
+import pytest
 
 from phivault.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("PHIVAULT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def require_redis() -> None:
+    """Skip the test when the test Redis is unreachable (fail instead with `CI=true`)."""
+    import redis  # only the tests that need Redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        message = f"Redis at {REDIS_URL} is unreachable ({type(exc).__name__})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + "; CI=true requires it")
+        pytest.skip(message)
+
+
+async def release_redis(storages: Iterable[object], prefix: str) -> None:
+    """After a test that used Redis through `limits` storages: close their connections (the
+    test opened them) and delete every key under the test's `prefix`."""
+    import redis
+
+    for storage in storages:
+        await storage.bridge.get_connection().aclose()  # type: ignore[attr-defined]
+    cleaner = redis.Redis.from_url(REDIS_URL)
+    for key in cleaner.scan_iter(f"{prefix}:*"):
+        cleaner.delete(key)
+    cleaner.close()
 
 
 def cli_env(rt: Runtime, **extra: str) -> dict[str, str]:

@@ -11,15 +11,6 @@ from phivault.crypto.keys import KeyKind, generate_key_line
 from tests.conftest import KEY_VARIABLES, generate_keys
 
 
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
-    monkeypatch.chdir(tmp_path)  # no stray .env file
-    keys = generate_keys()
-    for name, value in keys.items():
-        monkeypatch.setenv(name, value)
-    return keys
-
-
 def test_defaults(env: dict[str, str]) -> None:
     settings = load_settings()
     assert settings.env == "dev"

@@ -4,13 +4,11 @@ sharing one Redis."""
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
-import redis
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,8 +21,7 @@ from phivault.audit.flood import (
     record_refusal,
     refusal_of,
 )
-
-REDIS_URL = os.environ.get("PHIVAULT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+from tests.helpers import REDIS_URL, release_redis, require_redis
 
 
 class Clock:
@@ -190,12 +187,7 @@ def _redis_storage(prefix: str) -> Storage:
 async def test_the_bound_holds_across_workers_sharing_redis() -> None:
     """Two workers, each with its own connection to one Redis, answer one flood in turns:
     between them they write the 1st, 10th and 100th refusal, not each their own."""
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Redis at {REDIS_URL} is unreachable; CI=true requires it")
-        pytest.skip(f"Redis at {REDIS_URL} is unreachable ({type(exc).__name__})")
+    require_redis()
     prefix = f"test-flood-{secrets.token_hex(6)}"
     clock = Clock()
     storages = [_redis_storage(prefix), _redis_storage(prefix)]
@@ -210,10 +202,4 @@ async def test_the_bound_holds_across_workers_sharing_redis() -> None:
         clock.now += workers[0].window
         assert await workers[1].admit("invalid_token", "198.51.100.4") == 100
     finally:
-        for storage in storages:
-            connection = storage.bridge.get_connection()  # type: ignore[attr-defined]
-            await connection.aclose()
-        cleaner = redis.Redis.from_url(REDIS_URL)
-        for key in cleaner.scan_iter(f"{prefix}:*"):
-            cleaner.delete(key)
-        cleaner.close()
+        await release_redis(storages, prefix)

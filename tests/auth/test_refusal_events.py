@@ -6,7 +6,6 @@ event holds token material."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import secrets
 import uuid
@@ -15,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from limits.aio.storage import MemoryStorage
 from sqlalchemy import select
 
@@ -25,8 +23,8 @@ from phivault.runtime import Runtime
 from phivault.web.app import create_app
 from tests.conftest import client_for
 from tests.factories import make_user, sign_in
+from tests.helpers import REDIS_URL, release_redis, require_redis
 
-REDIS_URL = os.environ.get("PHIVAULT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 LOGIN = "/api/v1/auth/login"
 RECORD = "GET /api/v1/records/{record_id}"
 
@@ -231,12 +229,7 @@ async def test_the_bound_holds_across_two_workers_sharing_redis(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Two runtimes (two workers) on one database and one Redis answer one flood in turns:
     between them they write 3 events, not 3 each."""
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Redis at {REDIS_URL} is unreachable; CI=true requires it")
-        pytest.skip(f"Redis at {REDIS_URL} is unreachable ({type(exc).__name__})")
+    require_redis()
     prefix = f"test-{secrets.token_hex(6)}"
     workers = [await fresh_runtime(database_url=runtime.settings.database_url_value,
                                    redis_url=REDIS_URL, redis_prefix=prefix)
@@ -254,10 +247,5 @@ async def test_the_bound_holds_across_two_workers_sharing_redis(
         assert [(e.action, e.event_metadata["count"]) for e in events] == [
             ("INVALID_TOKEN", 0), ("INVALID_TOKEN", 8), ("INVALID_TOKEN", 89)]
     finally:
-        for worker in workers:
-            storage = worker.limits._storage  # noqa: SLF001 - the test closes what it opened
-            await storage.bridge.get_connection().aclose()
-        cleaner = redis.Redis.from_url(REDIS_URL)
-        for key in cleaner.scan_iter(f"{prefix}:*"):
-            cleaner.delete(key)
-        cleaner.close()
+        # The test closes what it opened.
+        await release_redis([w.limits._storage for w in workers], prefix)  # noqa: SLF001

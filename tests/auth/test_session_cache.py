@@ -5,7 +5,6 @@ revoked session is refused on another worker within a second, with or without Re
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import time
 import uuid
@@ -14,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from redis import asyncio as aioredis
 
 from phivault.auth import session_cache as session_cache_module
@@ -26,20 +24,11 @@ from phivault.errors import InvalidToken
 from phivault.runtime import Runtime
 from tests.conftest import client_for
 from tests.factories import TestUser, signed_in
+from tests.helpers import REDIS_URL, require_redis
 
 ME = "/api/v1/me"
-REDIS_URL = os.environ.get("PHIVAULT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 STATE = ("login", None, None, "active", "patient")
 
-
-def require_redis() -> None:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        message = f"Redis at {REDIS_URL} is unreachable ({type(exc).__name__})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + "; CI=true requires it")
-        pytest.skip(message)
 
 
 class Clock:

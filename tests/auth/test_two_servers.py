@@ -3,7 +3,6 @@ and revocations hold across them."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import time
@@ -13,23 +12,18 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from phivault.crypto.tls import write_self_signed_certificate
 from tests.factories import PASSWORD, make_user
-from tests.helpers import cli_env, client_context, free_port, phivault_command, wait_listening
-
-REDIS_URL = os.environ.get("PHIVAULT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def require_redis() -> None:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        message = f"Redis at {REDIS_URL} is unreachable ({type(exc).__name__})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + "; CI=true requires it")
-        pytest.skip(message)
+from tests.helpers import (
+    REDIS_URL,
+    cli_env,
+    client_context,
+    free_port,
+    phivault_command,
+    require_redis,
+    wait_listening,
+)
 
 
 @pytest.fixture

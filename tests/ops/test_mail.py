@@ -19,7 +19,6 @@ from phivault.config import ConfigError, load_settings
 from phivault.ops.mail import Mail, Mailer, break_glass_notice, deliver, invitation
 from phivault.ops.smtp import SmtpTarget
 from phivault.runtime import Runtime
-from tests.conftest import generate_keys
 from tests.helpers import free_port
 from tests.smtp_server import smtp_server, trusting
 
@@ -69,13 +68,6 @@ def test_bad_smtp_urls_are_refused_without_quoting_them(url: str, problem: str) 
 
 # Settings.
 
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
-    monkeypatch.chdir(tmp_path)  # no stray .env file
-    keys = generate_keys()
-    for name, value in keys.items():
-        monkeypatch.setenv(name, value)
-    return keys
 
 
 def test_mail_and_approval_defaults(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,21 +4,19 @@ on its address, and an IPv4-mapped IPv6 address as the IPv4 address it maps."""
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-import redis
 
 from phivault.audit.flood import client_network
 from phivault.runtime import Runtime
 from tests.conftest import client_for
+from tests.helpers import REDIS_URL, release_redis, require_redis
 
 REGISTER = "/api/v1/auth/register"
 LIMIT = 20  # SPEC §6: at most 20 auth requests a minute from one source
-REDIS_URL = os.environ.get("PHIVAULT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 async def statuses(rt: Runtime, addresses: list[str]) -> list[int]:
@@ -74,12 +72,7 @@ async def test_ipv4_stays_per_address(fresh_runtime: Callable[..., Any]) -> None
 async def test_the_64_is_shared_across_workers_through_redis(
         runtime: Runtime, fresh_runtime: Callable[..., Any]) -> None:
     """Two workers sharing Redis count one /64 together."""
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Redis at {REDIS_URL} is unreachable; CI=true requires it")
-        pytest.skip(f"Redis at {REDIS_URL} is unreachable ({type(exc).__name__})")
+    require_redis()
     prefix = f"test-{secrets.token_hex(6)}"
     workers = [await fresh_runtime(database_url=runtime.settings.database_url_value,
                                    redis_url=REDIS_URL, redis_prefix=prefix,
@@ -91,13 +84,8 @@ async def test_the_64_is_shared_across_workers_through_redis(
             codes += await statuses(workers[i % 2], [f"2001:db8:cc:1::{i + 1:x}"])
         assert codes == [422, 422, 422, 429]
     finally:
-        for worker in workers:
-            storage = worker.limits._storage  # noqa: SLF001 - the test closes what it opened
-            await storage.bridge.get_connection().aclose()
-        cleaner = redis.Redis.from_url(REDIS_URL)
-        for key in cleaner.scan_iter(f"{prefix}:*"):
-            cleaner.delete(key)
-        cleaner.close()
+        # The test closes what it opened.
+        await release_redis([w.limits._storage for w in workers], prefix)  # noqa: SLF001
 
 
 @pytest.mark.parametrize(("address", "key"), [

@@ -333,15 +333,8 @@ class Authenticator:
                         password: str) -> tuple[str, str]:
         """A new TOTP secret (not active until `enable_mfa`), after the password again: a
         stolen access token alone cannot change MFA."""
-        async with reads_only(session):
-            user = await self._user(session, user_id)
-            account = await self._lockout_account(session, user)
-        if not await self._recheck_password(user, password, account):
-            audit.record(session, Action.ACCESS_DENIED, outcome=Outcome.DENIED,
-                         resource_type="user", resource_id=user.id,
-                         metadata={"reason": "mfa_setup_bad_password"})
-            raise InvalidCredentials()
-        await self._relock(session, user)
+        user = await self.confirm_password(session, user_id, password,
+                                           reason="mfa_setup_bad_password")
         if user.totp_enabled:
             raise InvalidCredentials("Two-factor authentication is already on.")
         cipher = await user_cipher(session, self.envelope, user)
@@ -373,11 +366,12 @@ class Authenticator:
         audit.record(session, Action.MFA_ENABLED, resource_type="user", resource_id=user.id)
 
     async def confirm_password(self, session: AsyncSession, user_id: uuid.UUID,
-                               password: str, *, reason: str) -> None:
-        """The caller's current password again before an irreversible act (erasure), under
-        the login lock-out; a wrong one writes `ACCESS_DENIED` and answers
+                               password: str, *, reason: str) -> User:
+        """The caller's current password again before a sensitive act (TOTP set-up, erasure),
+        under the login lock-out; a wrong one writes `ACCESS_DENIED` with `reason` and answers
         `invalid_credentials`. The hash runs with no transaction open; the act that follows
-        runs in a new one, with the account locked and read again."""
+        runs in a new one, with the account locked and read again (the user, as it is now, is
+        returned)."""
         async with reads_only(session):
             user = await self._user(session, user_id)
             account = await self._lockout_account(session, user)
@@ -387,6 +381,7 @@ class Authenticator:
                          metadata={"reason": reason})
             raise InvalidCredentials()
         await self._relock(session, user)
+        return user
 
     async def _lockout_account(self, session: AsyncSession, user: User) -> str:
         """The lock-out's key for `user`: the one logins use, the email's digest under the

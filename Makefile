@@ -7,7 +7,7 @@ PYTEST_ARGS ?= -n 2
 
 .DEFAULT_GOAL := help
 
-.PHONY: help run demo test lint fmt bench clean
+.PHONY: help run demo test fuzz lint fmt bench clean
 
 help: ## List the targets.
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
@@ -38,6 +38,10 @@ lint: $(VENV)/.dev-installed ## ruff (with the S security rules) and mypy --stri
 
 test: lint ## Lint, then the suite on SQLite and PostgreSQL (PHIVAULT_TEST_DATABASE_URL).
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+fuzz: lint ## Fuzz the API longer than `make test` does: 200 cases per operation, a new seed.
+	PHIVAULT_TEST_FUZZ_EXAMPLES=$${PHIVAULT_TEST_FUZZ_EXAMPLES:-200} PHIVAULT_TEST_FUZZ_RANDOM=1 \
+		$(BIN)/python -m pytest $(PYTEST_ARGS) -s tests/fuzz
 
 fmt: $(VENV)/.dev-installed ## Sort imports and apply ruff's fixes.
 	$(BIN)/ruff check --fix src tests bench

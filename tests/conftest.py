@@ -40,9 +40,10 @@ KEY_VARIABLES = ("PHIVAULT_MASTER_KEYS", "PHIVAULT_INDEX_KEY", "PHIVAULT_AUDIT_K
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # No test may read the developer's own configuration by accident.
+    # No test may read the developer's own configuration by accident; the tests' own settings
+    # (PHIVAULT_TEST_DATABASE_URL, PHIVAULT_TEST_REDIS_URL, PHIVAULT_TEST_FUZZ_*) stay.
     for name in list(os.environ):
-        if name.startswith("PHIVAULT_") and name != "PHIVAULT_TEST_DATABASE_URL":
+        if name.startswith("PHIVAULT_") and not name.startswith("PHIVAULT_TEST_"):
             del os.environ[name]
 
 

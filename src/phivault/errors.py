@@ -94,7 +94,15 @@ class MfaEnrollmentRequired(PhivaultError):
               "POST /auth/mfa/setup and /auth/mfa/enable, then log in with totp_code.")
 
 
-class RefreshTokenReused(InvalidToken):
+class InvalidRefreshToken(InvalidToken):
+    """`POST /auth/refresh` with a refresh token that no longer gives tokens: the same 401
+    `invalid_token`, with a sentence about the refresh token rather than the access token."""
+
+    detail = ("The refresh token is unknown, expired, revoked or already used; "
+              "log in again.")
+
+
+class RefreshTokenReused(InvalidRefreshToken):
     """A used refresh token came back: its whole family is revoked (and that must commit)."""
 
     keeps_work = True

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
+from annotated_types import GroupedMetadata
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -42,36 +45,63 @@ _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4
 _INSTANT = re.compile(
     r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|z|[+-]\d{2}:\d{2})$")
 # Never in any text: C0 controls but tab, LF and CR; DEL and the C1 controls; lone surrogates.
-_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+# (Escapes, not characters: the controls are also the OpenAPI document's pattern below, which
+# must stay plain ASCII. Lone surrogates are not in it: JSON Schema validators read patterns as
+# Unicode regexes, in which no lone surrogate can be written.)
+_REFUSED = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
+_CONTROLS = re.compile(f"[{_REFUSED}\ud800-\udfff]")
 # Never in single-line text, besides the above: tab and the line and paragraph breaks.
-_BREAKS = re.compile("[\t\n\r\u2028\u2029]")
+_LINE_BREAKS = r"\t\n\r\u2028\u2029"
+_BREAKS = re.compile(f"[{_LINE_BREAKS}]")
 CONTROL_PROBLEM = "must not contain control characters"
 BREAK_PROBLEM = "must be a single line (no tab or line break)"
 
 
-def _multi_line(value: str) -> str:
+def multi_line(value: str) -> str:
+    """The multi-line rule (a `ValueError` naming the problem, or the value unchanged)."""
     if _CONTROLS.search(value):
         raise ValueError(CONTROL_PROBLEM)
     return value
 
 
-def _single_line(value: str) -> str:
-    _multi_line(value)
+def single_line(value: str) -> str:
+    """The single-line rule, for text outside request models too (an upload's file name)."""
+    multi_line(value)
     if _BREAKS.search(value):
         raise ValueError(BREAK_PROBLEM)
     return value
 
 
+# The same rules as JSON Schema patterns, for the OpenAPI document: clients (and the fuzzer)
+# learn which characters a field refuses.
+MULTI_LINE_PATTERN = f"^[^{_REFUSED}]*$"
+SINGLE_LINE_PATTERN = f"^[^{_REFUSED}{_LINE_BREAKS}]*$"
+_EMAIL_PART = rf"[^@\s{_REFUSED}{_LINE_BREAKS}]+"
+
+
+@dataclass(frozen=True)
+class _TextRule(GroupedMetadata):
+    """A text rule as one annotation: its check, and its pattern in the JSON schema (which
+    only documents it: pydantic runs the check, never the pattern)."""
+
+    check: Callable[[str], str]
+    pattern: str
+
+    def __iter__(self) -> Iterator[Any]:
+        yield AfterValidator(self.check)
+        yield Field(json_schema_extra={"pattern": self.pattern})
+
+
 # Annotations for string types: `Annotated[str, StringConstraints(...), SINGLE_LINE]`. They come
 # last, so that they see the value after any stripping.
-SINGLE_LINE = AfterValidator(_single_line)
-MULTI_LINE = AfterValidator(_multi_line)
+SINGLE_LINE = _TextRule(single_line, SINGLE_LINE_PATTERN)
+MULTI_LINE = _TextRule(multi_line, MULTI_LINE_PATTERN)
 
 
 def _refuse_controls(value: object) -> None:
     """The multi-line rule on every string inside `value` (lists, dicts and their keys)."""
     if isinstance(value, str):
-        _multi_line(value)
+        multi_line(value)
     elif isinstance(value, list | tuple | set | frozenset):
         for item in value:
             _refuse_controls(item)
@@ -94,6 +124,12 @@ class RequestModel(BaseModel):
         # Nested request models have checked their own fields; this sees str, lists, dicts.
         _refuse_controls(value)
         return value
+
+
+def examples(*values: dict[str, Any]) -> ConfigDict:
+    """A request model's `model_config` addition: its examples for the OpenAPI document, with
+    obviously fake data (a test checks that each one is a valid request)."""
+    return ConfigDict(json_schema_extra={"examples": list(values)})
 
 
 class ResponseModel(BaseModel):
@@ -176,11 +212,14 @@ Text = Annotated[str, StringConstraints(min_length=1, max_length=2000), MULTI_LI
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
                  SINGLE_LINE]
 Email = Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=254,
-                                         pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"), SINGLE_LINE]
+                                         pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"), SINGLE_LINE,
+                  # The address pattern and the single-line rule in one (the last pattern wins)
+                  Field(json_schema_extra={
+                      "pattern": rf"^{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}$"})]
 # Any characters (NIST SP 800-63B) but controls and line breaks: none can be typed into a
 # password field on purpose, and a lone surrogate cannot even be hashed (it has no UTF-8).
 Password = Annotated[str, StringConstraints(min_length=1, max_length=1024), SINGLE_LINE]
 
 __all__ = ["BOOKING_GRACE", "MULTI_LINE", "SINGLE_LINE", "BirthDate", "Email", "Instant",
            "IsoDate", "Name", "Password", "RequestModel", "ResponseModel", "Text", "UUIDText",
-           "Upcoming"]
+           "Upcoming", "examples", "multi_line", "single_line"]

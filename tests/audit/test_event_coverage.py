@@ -112,6 +112,7 @@ ROUTES: dict[tuple[str, str], Audited | Unaudited] = {
     ("POST", "/api/v1/consultations/{consultation_id}/payments"): phi(Action.CREATE_PAYMENT),
     ("GET", "/api/v1/me/payments"): phi(Action.VIEW_PAYMENT),
     ("GET", "/api/v1/me/notifications"): phi(Action.VIEW_NOTIFICATION),
+    ("POST", "/api/v1/notifications/{notification_id}/read"): phi(Action.UPDATE_NOTIFICATION),
     ("GET", "/api/v1/patients"): phi(Action.VIEW_PATIENT_LIST),
     ("POST", "/api/v1/patients/{patient_id}/records"): phi(Action.CREATE_MEDICAL_RECORD),
     ("GET", "/api/v1/patients/{patient_id}/records"): phi(Action.VIEW_MEDICAL_RECORD),
@@ -138,6 +139,8 @@ ROUTES: dict[tuple[str, str], Audited | Unaudited] = {
     ("GET", "/.well-known/audit-key.json"): Unaudited("public key of audit checkpoints"),
     ("GET", "/docs"): Unaudited("the interactive docs page"),
     ("GET", "/docs/init.js"): Unaudited("the interactive docs' script"),
+    ("GET", "/docs/swagger-ui-5.17.14/swagger-ui-bundle.js"): Unaudited("Swagger UI's script"),
+    ("GET", "/docs/swagger-ui-5.17.14/swagger-ui.css"): Unaudited("Swagger UI's style sheet"),
     ("GET", "/openapi.json"): Unaudited("the OpenAPI document"),
 }
 # Routes other changes are adding at the same time: classified already, tolerated while absent.
@@ -590,6 +593,16 @@ async def _break_glass(s: Scene) -> Call:
 async def _notifications(s: Scene) -> Call:
     response = await s.client.get(f"{API}/me/notifications", headers=s.patient.headers)
     assert expect(response, 200) != []
+    return Call(response, s.pid, s.pid)
+
+
+@step("POST", "/api/v1/notifications/{notification_id}/read")
+async def _notification_read(s: Scene) -> Call:
+    listed = await s.client.get(f"{API}/me/notifications", headers=s.patient.headers)
+    first = expect(listed, 200)[0]["id"]
+    response = await s.client.post(f"{API}/notifications/{first}/read",
+                                   headers=s.patient.headers)
+    assert expect(response, 200)["read_at"] is not None
     return Call(response, s.pid, s.pid)
 
 

@@ -138,3 +138,21 @@ async def test_garbage_refresh_tokens(client: httpx.AsyncClient) -> None:
         response = await client.post(REFRESH, json={"refresh_token": token})
         assert response.status_code in (401, 422)
     assert (await client.post(REFRESH, json={"refresh_token": "x" * 500})).status_code == 422
+
+
+async def test_refresh_failures_talk_about_the_refresh_token(client: httpx.AsyncClient,
+                                                             runtime: Runtime) -> None:
+    """An unknown, used (reused: its family ends) or revoked refresh token is the same 401
+    `invalid_token`, whose sentence names the refresh token, not the access token; a bad access
+    token still says "access token"."""
+    user = await signed_in(runtime)
+    rotated = (await client.post(REFRESH, json={"refresh_token": user.refresh_token})).json()
+    unknown = await client.post(REFRESH, json={"refresh_token": "A" * 43})
+    reused = await client.post(REFRESH, json={"refresh_token": user.refresh_token})
+    revoked = await client.post(REFRESH, json={"refresh_token": rotated["refresh_token"]})
+    for answer in (unknown, reused, revoked):
+        body = answer.json()
+        assert answer.status_code == 401 and body["error"] == "invalid_token"
+        assert "refresh token" in body["detail"] and "access token" not in body["detail"]
+    bad_access = await client.get(ME, headers=auth("not-a-token"))
+    assert bad_access.status_code == 401 and "access token" in bad_access.json()["detail"]

@@ -4,7 +4,10 @@ stored attachment is a 500 `integrity_failure`, audited, and yields no byte."""
 
 from __future__ import annotations
 
+import io
+import json
 import uuid
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -72,7 +75,8 @@ async def test_upload_then_download_gives_back_the_same_bytes(
     assert got.headers["content-type"] == content_type
     assert got.headers["content-length"] == str(size)
     assert got.headers["cache-control"] == "no-store"
-    assert got.headers["content-disposition"] == "attachment"
+    assert got.headers["content-disposition"] == (
+        "attachment; filename=\"scan.bin\"; filename*=UTF-8''scan.bin")
     # Nothing of the file is stored in clear: every segment row is ciphertext.
     async with runtime.sessions() as session:
         rows = (await session.execute(select(AttachmentSegment.data).join(
@@ -169,6 +173,12 @@ async def test_the_body_must_be_multipart(client: httpx.AsyncClient, runtime: Ru
     _kind, nameless = multipart(file_of("image/png", 100), filename="")
     expect(await client.post(url, headers={**patient.headers, "Content-Type": kind},
                              content=nameless), 422)
+    # A name is text like any other: no controls, no line breaks (listings, exports and
+    # terminals show it), and more than dots.
+    for name in ("scan\x1b[2J.png", "a\x00b.png", "two\nlines.png", "tab\there.png", ".."):
+        _kind, named = multipart(file_of("image/png", 100), filename=name)
+        expect(await client.post(url, headers={**patient.headers, "Content-Type": kind},
+                                 content=named), 422, "invalid_request")
     assert await stored_count(runtime, patient.id) == (0, 0)
 
 
@@ -291,3 +301,34 @@ async def test_tampered_attachment_is_500_integrity_failure_and_audited(
             AuditEvent.resource_id == created["id"],
             AuditEvent.action == "VIEW_ATTACHMENT"))).scalar_one()
     assert views == 0
+
+
+async def test_a_download_carries_its_name_made_safe(client: httpx.AsyncClient,
+                                                    runtime: Runtime,
+                                                    captured_logs: io.StringIO) -> None:
+    """The sealed name comes back in `Content-Disposition` (RFC 6266: an ASCII `filename`, the
+    UTF-8 name as `filename*`), without its quotes, path, controls or bidi override, and it
+    appears in no log line and no audit event."""
+    patient = await signed_in(runtime, "patient")
+    # On the wire: a Windows path, escaped quotes, a bidi override, non-ASCII.
+    wire = '..\\Befund \\"M\u00fcller\\" \u202e \u8a3a\u65ad.pdf'
+    uploaded = await upload(client, patient, patient.id, file_of("application/pdf", 40),
+                            filename=wire, content_type="application/pdf")
+    created = expect(uploaded, 201)
+    assert created["filename"] == 'Befund "M\u00fcller" \u202e \u8a3a\u65ad.pdf'
+    got = await download(client, patient, created["id"])
+    assert got.status_code == 200
+    header = got.headers["content-disposition"]
+    assert header.isascii() and header.isprintable()
+    assert header == ("attachment; filename=\"Befund__Muller.pdf\"; "
+                      "filename*=UTF-8''Befund%20_M%C3%BCller_%20%E8%A8%BA%E6%96%AD.pdf")
+    exact = unquote(header.split("filename*=UTF-8''", 1)[1], errors="strict")
+    assert exact == "Befund _M\u00fcller_ \u8a3a\u65ad.pdf"
+    events = await events_of(runtime, [uploaded.headers["x-request-id"],
+                                       got.headers["x-request-id"]])
+    assert all(events.values())
+    logged = [json.loads(line) for line in captured_logs.getvalue().splitlines()]
+    written = json.dumps([logged, [e.event_metadata for request in events.values()
+                                   for e in request]], default=str, ensure_ascii=False)
+    for piece in ("M\u00fcller", "Befund", "\u8a3a\u65ad"):
+        assert piece not in written

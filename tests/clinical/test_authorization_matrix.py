@@ -133,6 +133,9 @@ MATRIX: tuple[Route, ...] = (
     Route("GET", "/consultations", "consultations", by_role(patient=ok(), doctor=ok())),
     Route("GET", "/me/notifications", "consultations",
           by_role(patient=ok(), doctor=ok(), staff=ok())),
+    # A notification is its owner's alone: to anyone else it does not exist.
+    Route("POST", "/notifications/{notification_id}/read", "consultations",
+          by_role(patient=ok(), other_patient=NOT_FOUND, doctor=NOT_FOUND, staff=NOT_FOUND)),
     Route("GET", "/me/payments", "consultations", by_role(patient=ok())),
     Route("GET", "/patients", "consultations", by_role(doctor=ok())),
     # Only the two parties of a consultation may change it; to anyone else it does not exist.
@@ -203,7 +206,7 @@ def url_for(route: Route, caller: Caller) -> str:
     return API + route.path.format(
         patient_id=chart.patient.id, record_id=chart.record_id,
         attachment_id=chart.attachment_id, consultation_id=chart.consultation_id,
-        doctor_id=chart.doctor.id)
+        doctor_id=chart.doctor.id, notification_id=chart.notification_id)
 
 
 def leaked_rows(body: Any, caller: Caller) -> bool:

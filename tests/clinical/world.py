@@ -177,6 +177,7 @@ class Chart:
     record_id: str
     prescription_id: str
     attachment_id: str
+    notification_id: str = ""  # the patient's notice of the break-glass read
 
 
 @dataclass
@@ -241,8 +242,11 @@ async def build_world(rt: Runtime, client: httpx.AsyncClient) -> World:
     assert proposal["status"] == "proposed"
     cancelled = await book(client, p, users["cancelled"])
     await set_status(client, p, cancelled["id"], "cancelled")
-    for patient in (p, q):
+    for key, patient in (("P", p), ("Q", q)):
         expect(await break_glass(client, users["bg"], patient.id), 201)
+        notices = expect(await client.get(f"{API}/me/notifications", headers=patient.headers),
+                         200)
+        charts[key].notification_id = next(n["id"] for n in notices if n["kind"] == "break_glass")
     expect(await break_glass(client, users["bg_expired"], p.id), 201)
     await expire_break_glass(rt, users["bg_expired"].id, p.id)
 

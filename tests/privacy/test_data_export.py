@@ -8,6 +8,7 @@ import gc
 import io
 import json
 import os
+import re
 import stat
 import tracemalloc
 import uuid
@@ -151,7 +152,10 @@ async def test_the_json_export_holds_every_section_decrypted(
     expect(response, 200)
     assert response.headers["content-type"] == "application/json"
     assert response.headers["cache-control"] == "no-store"
-    assert response.headers["content-disposition"].startswith("attachment")
+    # RFC 6266: a dated file name, as plain ASCII and as filename*.
+    assert re.fullmatch(r"attachment; filename=\"phivault-export-(\d{4}-\d\d-\d\d)\.json\"; "
+                        r"filename\*=UTF-8''phivault-export-\1\.json",
+                        response.headers["content-disposition"])
     document = response.json()
     assert_keys(document)
     assert document["patient_id"] == str(s.patient.id)

@@ -9,7 +9,8 @@ from phivault.web.app import create_app
 # Framework routes that take no rule: the OpenAPI document only.
 FRAMEWORK_ROUTES = {"/openapi.json"}
 PUBLIC_ROUTES = {"/healthz", "/readyz", "/.well-known/jwks.json", "/.well-known/audit-key.json",
-                 "/docs", "/docs/init.js",
+                 "/docs", "/docs/init.js", "/docs/swagger-ui-5.17.14/swagger-ui-bundle.js",
+                 "/docs/swagger-ui-5.17.14/swagger-ui.css",
                  "/api/v1/auth/register", "/api/v1/auth/login", "/api/v1/auth/refresh",
                  "/api/v1/auth/logout", "/api/v1/auth/setup"}
 

@@ -180,7 +180,7 @@ async def test_docs_page_has_no_inline_script(client: httpx.AsyncClient) -> None
     assert page.status_code == 200
     assert "script-src 'self'" in page.headers["content-security-policy"]
     assert "<script>" not in page.text and "unsafe-inline" not in page.text
-    assert page.text.count('integrity="sha384-') == 2 and "swagger-ui-dist@5.17.14" in page.text
+    assert page.text.count('integrity="sha384-') == 2
     assert (await client.get("/docs/init.js")).status_code == 200
 
 

@@ -66,6 +66,8 @@ METADATA_KEYS = frozenset({
     "data_keys_destroyed", "kind", "patients", "records", "suppressed",
     # How an approved staff account's setup token left (SPEC §6): `mail` or `answer`.
     "delivery",
+    # A notification marked read that was read already (its read_at stays): a flag.
+    "already_read",
 })
 
 

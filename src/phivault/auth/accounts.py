@@ -364,6 +364,13 @@ class Accounts:
             session.add(StaffProfile(user_id=user.id, full_name=name.strip(), specialty=None))
         return None
 
+    async def has_active_admin(self, session: AsyncSession) -> bool:
+        """Whether any admin account is active (`phivault init` hints at the first one until
+        then). Reads no PHI, so it records no event."""
+        found = await session.execute(select(User.id).where(
+            User.role == Role.ADMIN, User.status == "active").limit(1))
+        return found.first() is not None
+
     async def list_users(self, session: AsyncSession, limit: int,
                          offset: int) -> tuple[list[UserView], int]:
         users, total = await fetch_page(session, select(User).order_by(User.created_at, User.id),

@@ -36,7 +36,8 @@ NO_CONTENT: dict[str, Any] = {"status_code": status.HTTP_204_NO_CONTENT,
             summary="Create a staff account")
 async def create_staff(body: CreateStaff, claims: Admin, runtime: RuntimeDep,
                        session: SessionDep) -> CreatedStaff:
-    """A doctor, admin or auditor. With staff approval off (the dev default), the answer's
+    """Admins only (403 `forbidden` for any other role). A doctor, admin or auditor; a
+    taken email is 409 `email_taken`. With staff approval off (the dev default), the answer's
     one-time `setup_token` (valid 72 hours) goes to the new staff member, who sets their own
     password at `POST /auth/setup`. With it on (the prod default), the account is `pending`,
     `setup_token` and `setup_expires_at` are null, and another admin must approve it
@@ -56,12 +57,13 @@ async def create_staff(body: CreateStaff, claims: Admin, runtime: RuntimeDep,
             summary="Approve a pending staff account")
 async def approve_staff(user_id: uuid.UUID, claims: Admin, runtime: RuntimeDep,
                         session: SessionDep, tasks: BackgroundTasks) -> Response | SetupInvitation:
-    """A second admin, never the account's creator (403 `forbidden`), makes a `pending` staff
-    account `active` (409 `conflict` when it is not pending) and issues its one-time setup
-    token, valid 72 hours. With mail configured (`PHIVAULT_SMTP_URL`) the token is mailed to
-    the account's address once the approval has committed, and the answer is 204. Without
-    mail the answer is 200 `{setup_token, setup_expires_at}`: the approving admin hands the
-    token to the new staff member (check that the address is theirs before approving)."""
+    """Admins only: a second admin, never the account's creator (403 `forbidden`), makes a
+    `pending` staff account `active` (409 `conflict` when it is not pending; 404 `not_found` for
+    an unknown id) and issues its one-time setup token, valid 72 hours. With mail configured
+    (`PHIVAULT_SMTP_URL`) the token is mailed to the account's address once the approval has
+    committed, and the answer is 204. Without mail the answer is 200 `{setup_token,
+    setup_expires_at}`: the approving admin hands the token to the new staff member (check that
+    the address is theirs before approving)."""
     handed = await runtime.accounts.approve_staff(session, claims.user_id, user_id,
                                                   outbox_for(runtime, tasks))
     if handed is None:
@@ -77,11 +79,11 @@ async def approve_staff(user_id: uuid.UUID, claims: Admin, runtime: RuntimeDep,
 async def renew_invitation(user_id: uuid.UUID, claims: Admin, runtime: RuntimeDep,
                            session: SessionDep,
                            tasks: BackgroundTasks) -> Response | SetupInvitation:
-    """A new one-time setup token (valid 72 hours; the previous one dies) for an active staff
-    account whose owner has not chosen a password yet: an invitation that could not be
-    mailed, was lost, or ran out. 409 `conflict` for any other account (pending: approve it;
-    a password set: the account is someone's). With staff approval on, the account's creator
-    may not renew it (403 `forbidden`). Answered like the approval: 204 and mail, or 200
+    """Admins only. A new one-time setup token (valid 72 hours; the previous one dies) for an
+    active staff account whose owner has not chosen a password yet: an invitation that could not
+    be mailed, was lost, or ran out. 409 `conflict` for any other account (pending: approve it;
+    a password set: the account is someone's). With staff approval on, the account's creator may
+    not renew it (403 `forbidden`). Answered like the approval: 204 and mail, or 200
     `{setup_token, setup_expires_at}` when no mail is configured."""
     handed = await runtime.accounts.renew_invitation(
         session, claims.user_id, user_id, outbox_for(runtime, tasks),
@@ -94,7 +96,9 @@ async def renew_invitation(user_id: uuid.UUID, claims: Admin, runtime: RuntimeDe
 @users.get("", responses=responses(401, 403, 422), summary="List users")
 async def list_users(_: Admin, runtime: RuntimeDep, session: SessionDep, page: PageDep,
                      response: Response) -> list[UserView]:
-    """Every account: id, email, role, status. No profile or other PHI."""
+    """Admins only. Every account, oldest first and paged (`limit`, `offset`; the total in
+    `X-Total-Count`): id, email, role, status, created. No profile or other PHI. Audited as
+    `VIEW_USERS`."""
     views, total = await runtime.accounts.list_users(session, page.limit, page.offset)
     page.answer(response, total)
     return views
@@ -104,8 +108,10 @@ async def list_users(_: Admin, runtime: RuntimeDep, session: SessionDep, page: P
              summary="Change a user's role or status")
 async def update_user(user_id: uuid.UUID, body: UpdateUser, claims: Admin, runtime: RuntimeDep,
                       session: SessionDep) -> UserView:
-    """`role` among doctor/admin/auditor, `status` active or disabled. Either change ends every
-    session of the user. An admin cannot change their own account (409)."""
+    """Admins only. `role` among doctor/admin/auditor, `status` active or disabled (a
+    patient's role never changes). Either change ends every session of the user at once. An
+    admin cannot change their own account (409 `conflict`); an unknown id is 404
+    `not_found`. Audited as `UPDATE_USER`."""
     return await runtime.accounts.update_user(session, claims.user_id, user_id, body.role,
                                               body.status)
 
@@ -114,13 +120,18 @@ async def update_user(user_id: uuid.UUID, body: UpdateUser, claims: Admin, runti
               summary="End every session of a user", **NO_CONTENT)
 async def end_user_sessions(user_id: uuid.UUID, _: Admin, runtime: RuntimeDep,
                             session: SessionDep) -> None:
+    """Admins only. Ends every session of the user at once (a stolen device, a departure):
+    their refresh and access tokens stop working; they may log in again. An unknown id is
+    404 `not_found`. Audited as `SESSION_REVOKED`."""
     await runtime.accounts.end_sessions(session, user_id)
 
 
 @doctors.get("", responses=responses(401, 422), summary="The doctor directory")
 async def list_doctors(_: Anyone, runtime: RuntimeDep, session: SessionDep, page: PageDep,
                        response: Response) -> list[DoctorView]:
-    """Active doctors, for booking: id, full name, specialty."""
+    """Any signed-in user. Active doctors, for booking (`POST /consultations` with a
+    `doctor_id` from here): id, full name, specialty; paged, the total in `X-Total-Count`.
+    Staff directory data only, so not audited."""
     views, total = await runtime.accounts.doctors(session, page.limit, page.offset)
     page.answer(response, total)
     return views

@@ -62,9 +62,12 @@ def _pair(tokens: IssuedTokens) -> TokenPair:
            responses=responses(409, 422, 429), summary="Register a patient")
 async def register(body: RegisterRequest, runtime: RuntimeDep,
                    session: SessionDep) -> RegisterAnswer:
-    """Creates a **patient** account (staff come from `POST /users`). The password: 15 to 128
-    characters, not a common or breached one, not containing the email's local part. A taken
-    email answers 409 `email_taken`; a refused password 422 `weak_password`."""
+    """Public. Creates a **patient** account (staff come from `POST /users`), with all three
+    consents false unless `consents` sets them (`data_sharing` must be true before a doctor may
+    read the chart). The password: 15 to 128 characters, not a common or breached one, not
+    containing the email's local part. A taken email answers 409 `email_taken`; a refused
+    password 422 `weak_password`; more than `PHIVAULT_AUTH_RATE_LIMIT` auth requests from one
+    address, 429 with `Retry-After`."""
     created = await runtime.accounts.register(session, body)
     return RegisterAnswer(id=created.user.id, email=created.email, role=created.user.role)
 
@@ -72,8 +75,8 @@ async def register(body: RegisterRequest, runtime: RuntimeDep,
 @auth.post("/login", dependencies=[Depends(Public())], responses=responses(401, 403, 422, 429),
            summary="Log in")
 async def login(body: LoginRequest, runtime: RuntimeDep, session: SessionDep) -> TokenPair:
-    """Email and password (and `totp_code` once TOTP is on) for an access token (15 minutes)
-    and a refresh token (its session ends 7 days after this login).
+    """Public. Email and password (and `totp_code` once TOTP is on) for an access token (15
+    minutes) and a refresh token (its session ends 7 days after this login).
 
     401 `invalid_credentials` for an unknown email, a wrong password or a wrong code, alike;
     401 `mfa_required` when the code is missing; 429 with `Retry-After` after 5 failures for the
@@ -86,31 +89,38 @@ async def login(body: LoginRequest, runtime: RuntimeDep, session: SessionDep) ->
 @auth.post("/refresh", dependencies=[Depends(Public())], responses=responses(401, 422, 429),
            summary="Rotate a refresh token")
 async def refresh(body: RefreshRequest, runtime: RuntimeDep, session: SessionDep) -> TokenPair:
-    """A new pair for a refresh token, which is then used up. Presenting a used token again
-    revokes its whole session and answers 401 `invalid_token`."""
+    """Public. A new pair for a refresh token, which is then used up; the session still ends
+    7 days after its login. An unknown, expired or revoked refresh token answers 401
+    `invalid_token`; presenting a used one again also revokes its whole session (every token
+    of that login) and is audited as `REFRESH_TOKEN_REUSE`."""
     return _pair(await runtime.authenticator.refresh(session, body.refresh_token))
 
 
 @auth.post("/logout", dependencies=[Depends(Public())], responses=responses(422, 429),
            summary="End the session of a refresh token", **NO_CONTENT)
 async def logout(body: RefreshRequest, runtime: RuntimeDep, session: SessionDep) -> None:
-    """Revokes the session (every token of its family). Always 204."""
+    """Public. Revokes the session of the refresh token (every token of its family, the
+    access tokens too, at once). Always 204, whether the token was live, used or unknown."""
     await runtime.authenticator.logout(session, body.refresh_token)
 
 
 @auth.post("/setup", dependencies=[Depends(Public())], responses=responses(401, 422, 429),
            summary="Set a new staff member's password", **NO_CONTENT)
 async def setup(body: SetupRequest, runtime: RuntimeDep, session: SessionDep) -> None:
-    """Redeems the one-time `setup_token` from `POST /users` (valid 72 hours) with the
-    password the new staff member chooses."""
+    """Public: the new staff member, with no account password yet. Redeems the one-time
+    `setup_token` from `POST /users` (valid 72 hours) with the password they choose (the same
+    rules as at registration: 422 `weak_password`). An unknown, used or expired token answers
+    401 `invalid_token`."""
     await runtime.accounts.redeem_setup(session, body.setup_token, body.password)
 
 
 @auth.post("/mfa/setup", responses=responses(401, 403, 422, 429), summary="Start TOTP set-up")
 async def mfa_setup(body: MfaSetupRequest, claims: Enrolling, runtime: RuntimeDep,
                     session: SessionDep) -> MfaSetupAnswer:
-    """The current password again (a stolen access token alone cannot change MFA); answers a
-    new secret and its `otpauth://` URI for an authenticator app."""
+    """Any signed-in user, or one holding the enrolment token of a role that must use TOTP.
+    The current password again (a stolen access token alone cannot change MFA; a wrong one is
+    401 `invalid_credentials` and counts toward the lock-out); answers a new secret and its
+    `otpauth://` URI for an authenticator app. TOTP is on only after `POST /auth/mfa/enable`."""
     secret, uri = await runtime.authenticator.start_mfa(session, claims.user_id, body.password)
     response = MfaSetupAnswer(secret=secret, otpauth_uri=uri)
     return response
@@ -120,8 +130,9 @@ async def mfa_setup(body: MfaSetupRequest, claims: Enrolling, runtime: RuntimeDe
            **NO_CONTENT)
 async def mfa_enable(body: MfaEnableRequest, claims: Enrolling, runtime: RuntimeDep,
                      session: SessionDep) -> None:
-    """A current code from the app turns TOTP on. Every session ends: log in again with
-    `totp_code`."""
+    """Any signed-in user, or one holding an enrolment token (as for `POST /auth/mfa/setup`). A
+    current code from the app turns TOTP on (a wrong or reused code is 401
+    `invalid_credentials`). Every session ends: log in again with `totp_code`."""
     await runtime.authenticator.enable_mfa(session, claims.user_id, body.code, claims)
 
 
@@ -129,21 +140,25 @@ async def mfa_enable(body: MfaEnableRequest, claims: Enrolling, runtime: Runtime
            **NO_CONTENT)
 async def change_password(body: PasswordChange, claims: Anyone, runtime: RuntimeDep,
                           session: SessionDep) -> None:
-    """Every session of the account ends, this one included."""
+    """Any signed-in user. The current password (a wrong one is 401 `invalid_credentials`
+    and counts toward the lock-out) and a new one (the registration rules: 422
+    `weak_password`). Every session of the account ends, this one included: log in again."""
     await runtime.authenticator.change_password(session, claims.user_id, body.current_password,
                                                 body.new_password)
 
 
 @me.get("", responses=responses(401, 403), summary="My account")
 async def read_me(claims: Anyone, runtime: RuntimeDep, session: SessionDep) -> Me:
-    """The caller's account; a patient's answer includes their profile (and is audited)."""
+    """Any signed-in user: their own account. A patient's answer includes their profile
+    (PHI, so the read is audited as `VIEW_PROFILE`); staff get their directory entry."""
     return await runtime.accounts.me(session, claims.user_id)
 
 
 @me.get("/sessions", responses=responses(401, 403), summary="My live sessions")
 async def my_sessions(claims: Anyone, runtime: RuntimeDep,
                       session: SessionDep) -> list[SessionView]:
-    """Live sessions: `last_used_at` is the last login or token refresh."""
+    """Any signed-in user: their own live sessions (one per login), `current` marking the
+    one this token belongs to; `last_used_at` is the last login or token refresh."""
     rows = await runtime.authenticator.list_sessions(session, claims.user_id, claims.session_id)
     return [SessionView(id=s.id, created_at=s.created_at, last_used_at=s.last_used_at,
                         expires_at=s.expires_at, ip=s.ip, user_agent=s.user_agent,
@@ -154,4 +169,7 @@ async def my_sessions(claims: Anyone, runtime: RuntimeDep,
            summary="End one of my sessions", **NO_CONTENT)
 async def end_my_session(session_id: uuid.UUID, claims: Anyone, runtime: RuntimeDep,
                          session: SessionDep) -> None:
+    """Any signed-in user, for one of their own sessions: it ends at once (its refresh and
+    access tokens stop working). Another user's session, or an unknown id, is 404
+    `not_found`. Audited as `SESSION_REVOKED`."""
     await runtime.authenticator.end_session(session, claims.user_id, session_id)

@@ -8,7 +8,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, StringConstraints
 
-from phivault.schemas import SINGLE_LINE, BirthDate, Email, Name, Password, RequestModel
+from phivault.schemas import (
+    SINGLE_LINE,
+    BirthDate,
+    Email,
+    Name,
+    Password,
+    RequestModel,
+    examples,
+)
 
 Sex = Literal["female", "male", "other", "unknown"]
 StaffRole = Literal["doctor", "admin", "auditor"]
@@ -24,12 +32,20 @@ Specialty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1
 
 
 class ConsentChoices(RequestModel):
+    model_config = examples({"marketing": False, "data_sharing": True, "analytics": False})
+
     marketing: bool = False
     data_sharing: bool = False
     analytics: bool = False
 
 
 class RegisterRequest(RequestModel):
+    model_config = examples({
+        "email": "alex.example@example.org", "password": "a long example passphrase",
+        "full_name": "Alex Example", "birth_date": "1980-01-31", "sex": "unknown",
+        "phone": "+44 20 7946 0000", "address": "1 Example Street, Exampleton",
+        "consents": {"marketing": False, "data_sharing": True, "analytics": False}})
+
     email: Email
     password: Password
     full_name: Name
@@ -47,6 +63,10 @@ class RegisterAnswer(BaseModel):
 
 
 class LoginRequest(RequestModel):
+    model_config = examples({
+        "email": "alex.example@example.org", "password": "a long example passphrase",
+        "totp_code": "123456"})
+
     email: Email
     password: Password
     totp_code: TotpCode | None = None
@@ -60,20 +80,32 @@ class TokenPair(BaseModel):
 
 
 class RefreshRequest(RequestModel):
+    model_config = examples({"refresh_token": "EXAMPLE-refresh-token-not-a-real-one_0123456789"})
+
     refresh_token: OpaqueToken
 
 
 class SetupRequest(RequestModel):
+    model_config = examples({
+        "setup_token": "EXAMPLE-setup-token-not-a-real-one_0123456789",
+        "password": "a long example passphrase"})
+
     setup_token: OpaqueToken
     password: Password
 
 
 class PasswordChange(RequestModel):
+    model_config = examples({
+        "current_password": "a long example passphrase",
+        "new_password": "another long example passphrase"})
+
     current_password: Password
     new_password: Password
 
 
 class MfaSetupRequest(RequestModel):
+    model_config = examples({"password": "a long example passphrase"})
+
     password: Password
 
 
@@ -83,6 +115,8 @@ class MfaSetupAnswer(BaseModel):
 
 
 class MfaEnableRequest(RequestModel):
+    model_config = examples({"code": "123456"})
+
     code: TotpCode
 
 
@@ -117,6 +151,8 @@ class ProfileRectification(RequestModel):
     """`PATCH /me` (SPEC §9, GDPR article 16): any of these fields; at least one. `phone`,
     `address` and `birth_date` may be sent as null to remove them; the name may not."""
 
+    model_config = examples({"phone": "+44 20 7946 0001", "address": None})
+
     full_name: Name | None = None
     phone: Phone | None = None
     address: Address | None = None
@@ -127,10 +163,16 @@ class ErasureRequest(RequestModel):
     """`DELETE /me`: the current password again, so that a stolen access token alone cannot
     erase an account."""
 
+    model_config = examples({"password": "a long example passphrase"})
+
     password: Password
 
 
 class CreateStaff(RequestModel):
+    model_config = examples({
+        "email": "dr.sam.sample@clinic.example", "full_name": "Dr Sam Sample", "role": "doctor",
+        "specialty": "General practice"})
+
     email: Email
     full_name: Name
     role: StaffRole
@@ -165,6 +207,8 @@ class UserView(BaseModel):
 
 
 class UpdateUser(RequestModel):
+    model_config = examples({"status": "disabled"})
+
     role: StaffRole | None = None
     status: Literal["active", "disabled"] | None = None
 

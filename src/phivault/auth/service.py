@@ -33,6 +33,7 @@ from phivault.db.base import core_table, utcnow
 from phivault.db.phases import reads_only
 from phivault.errors import (
     InvalidCredentials,
+    InvalidRefreshToken,
     InvalidToken,
     MfaEnrollmentRequired,
     MfaRequired,
@@ -210,14 +211,14 @@ class Authenticator:
             .where(RefreshToken.token_hash == token_digest(refresh_token))
         )).one_or_none()
         if found is None:
-            raise InvalidToken()
+            raise InvalidRefreshToken()
         token, login, user = found
         if login.revoked_at is not None or token.revoked_at is not None:
-            raise InvalidToken()
+            raise InvalidRefreshToken()
         if token.used_at is not None:
             await self._revoke_for_reuse(session, login, user)
         if now >= login.expires_at or user.status != "active" or login.kind != LOGIN:
-            raise InvalidToken()
+            raise InvalidRefreshToken()
         # Mark it used only if nobody else did in the meantime: of two concurrent uses, one
         # wins and the other is a reuse.
         claimed = await session.execute(

@@ -30,12 +30,19 @@ from phivault.audit.export import (
 )
 from phivault.audit.fhir import FhirMappingError
 from phivault.audit.verify import Anchor
-from phivault.cli.common import fail, progress, run_with_runtime, run_writing, settings_or_exit
+from phivault.cli.common import (
+    command_group,
+    fail,
+    progress,
+    run_with_runtime,
+    run_writing,
+    settings_or_exit,
+)
 from phivault.config import ConfigError, Settings
 from phivault.crypto.audit_signing import CheckpointSignatureError
 from phivault.runtime import Runtime
 
-app = typer.Typer(help="Verify the audit trail.", no_args_is_help=True)
+app = command_group("Verify the audit trail.")
 
 
 @app.command()

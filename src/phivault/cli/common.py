@@ -8,13 +8,14 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import IO, NoReturn, TypeVar
+from typing import IO, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeRemainingColumn
 
 from phivault.audit.export import ExportWriteError, private_output
+from phivault.cli.dev_env import load_dev_environment
 from phivault.config import ConfigError, Settings, load_settings
 from phivault.db.engine import COMMAND_TIMEOUT_SECONDS
 from phivault.errors import Unavailable, database_unavailable
@@ -29,6 +30,16 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 DATABASE_UNAVAILABLE = 3
 
 
+def command_group(help: str, **options: Any) -> typer.Typer:
+    """A Typer app (the root, or a group such as `users`) with the house's help: Click's plain
+    help, which shows a flag as `--dev` (Typer's Rich help prints `<bool>` beside every flag)
+    and wraps each paragraph of a docstring as a whole (Rich keeps the docstring's own line
+    breaks and breaks sentences in odd places), up to 100 columns on a wide terminal."""
+    options.setdefault("no_args_is_help", True)
+    return typer.Typer(help=help, rich_markup_mode=None,
+                       context_settings={"max_content_width": 100}, **options)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one line to stderr and exit with `code`."""
     err.print(f"phivault: {message}", markup=False)
@@ -36,6 +47,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def settings_or_exit() -> Settings:
+    """The settings from the environment (in a development instance's directory, with
+    `./var/phivault.env` under it: `cli/dev_env.py`), or one line and exit 2."""
+    note = load_dev_environment()
+    if note is not None:
+        err.print(note, markup=False)
     try:
         return load_settings()
     except ConfigError as exc:

@@ -12,7 +12,7 @@ from typing import IO, Annotated
 import typer
 
 from phivault.audit.export import ExportWriteError
-from phivault.cli.common import fail, progress, run_with_runtime, run_writing
+from phivault.cli.common import command_group, fail, progress, run_with_runtime, run_writing
 from phivault.crypto import IntegrityError
 from phivault.errors import NotFound, PhivaultError
 from phivault.privacy import consents, erasure, export
@@ -20,8 +20,7 @@ from phivault.privacy.export import ExportFormat, NoSuchPatient
 from phivault.privacy.fhir import FhirExportError
 from phivault.runtime import Runtime
 
-app = typer.Typer(help="Data-subject rights: export, erase, proof of consent (SPEC §9).",
-                  no_args_is_help=True)
+app = command_group("Data-subject rights: export, erase, proof of consent (SPEC §9).")
 
 
 def _user_id(text: str) -> uuid.UUID:

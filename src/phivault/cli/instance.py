@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import shlex
 import signal
 import ssl
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +16,13 @@ import typer
 import uvicorn
 
 from phivault.cli.common import err, fail, run_with_runtime, settings_or_exit
+from phivault.cli.dev_env import (
+    DEV_ENV_FILE,
+    VAR,
+    DevFileRefused,
+    merge_env_file,
+    read_dev_env_file,
+)
 from phivault.config import DEV_TLS_CERT, DEV_TLS_KEY, ConfigError, Settings
 from phivault.crypto.keys import KeyKind, generate_key_line
 from phivault.crypto.tls import server_ssl_context, write_self_signed_certificate
@@ -24,14 +34,24 @@ from phivault.web.protocol import DeadlineH11Protocol
 from phivault.web.server import DRAIN_TIMEOUT, PhivaultServer
 from phivault.web.supervisor import Supervisor, WorkerOptions
 
-VAR = Path("var")
-DEV_ENV_FILE = VAR / "phivault.env"
-FIRST_USER_HINT = (
-    "first admin (in another terminal, from this directory):\n"
-    "  set -a && . ./var/phivault.env && set +a && printf '%s' 'a passphrase of 15+ chars' |\n"
-    "  .venv/bin/phivault users create you@example.org --role admin --full-name 'Your Name' "
-    "--password-stdin"
+FIRST_ADMIN_HINT = (
+    "no admin yet; create the first one (from this directory, the passphrase on standard "
+    "input):\n"
+    "  printf '%s' 'a passphrase of 15+ chars' | {command} users create you@example.org "
+    "--role admin --full-name 'Your Name' --password-stdin"
 )
+
+
+def first_admin_hint() -> str:
+    """How to create the first admin, with the command as the operator ran it
+    (`.venv/bin/phivault` under `make run`)."""
+    program = Path(sys.argv[0])
+    command = "phivault"
+    if program.name == "phivault":
+        # Not under this directory: the one on the PATH.
+        with contextlib.suppress(ValueError):
+            command = str(program.resolve().relative_to(Path.cwd().resolve()))
+    return FIRST_ADMIN_HINT.format(command=shlex.quote(command))
 
 
 def init(
@@ -47,16 +67,19 @@ def init(
     """
     if dev:
         created = _write_dev_instance()
-        for line in DEV_ENV_FILE.read_text(encoding="utf-8").splitlines():
-            name, _, value = line.partition("=")
-            if name.startswith("PHIVAULT_") and value:
-                os.environ.setdefault(name, value)
+        try:
+            # With the same checks as every other command's load (no symbolic link, the
+            # caller's own, writable by no one else).
+            merge_env_file(read_dev_env_file() or {})
+        except DevFileRefused as exc:
+            fail(f"{DEV_ENV_FILE} is not used: {exc}", 2)
         typer.echo(("created" if created else "reusing") + f" development instance in {VAR}/")
-        typer.echo(FIRST_USER_HINT)
     settings = settings_or_exit()
     if settings.env == "dev" and not dev:
         err.print("note: PHIVAULT_ENV is dev; use --dev for a local instance", markup=False)
-    _migrate(settings)
+    if not _migrate(settings, count_admins=True):
+        # Only until an admin exists: `make run` runs this on every start.
+        typer.echo(first_admin_hint())
 
 
 def _write_dev_instance() -> bool:
@@ -106,17 +129,23 @@ def migrate() -> None:
     _migrate(settings_or_exit())
 
 
-def _migrate(settings: Settings) -> None:
-    async def work(runtime: Runtime) -> tuple[str | None, str]:
-        return await migrations.upgrade(runtime.engine)
+def _migrate(settings: Settings, *, count_admins: bool = False) -> bool:
+    """Migrate; with `count_admins`, answer whether an active admin exists (else True)."""
+    async def work(runtime: Runtime) -> tuple[str | None, str, bool]:
+        before, after = await migrations.upgrade(runtime.engine)
+        if not count_admins:
+            return before, after, True
+        async with runtime.sessions() as session:
+            return before, after, await runtime.accounts.has_active_admin(session)
 
     # No statement timeout: building an index over a large table may rightly take long.
-    before, after = run_with_runtime("migrate", work, settings, chain_first=False,
-                                     command_timeout=None)
+    before, after, admin = run_with_runtime("migrate", work, settings, chain_first=False,
+                                            command_timeout=None)
     if before == after:
         typer.echo(f"database is at the newest schema ({after})")
     else:
         typer.echo(f"database migrated from {before or 'empty'} to {after}")
+    return admin
 
 
 def serve(

@@ -15,14 +15,13 @@ from phivault.audit import service as audit
 from phivault.audit.actions import Action
 from phivault.auth.models import User
 from phivault.auth.reindex import reindex_batch
-from phivault.cli.common import fail, progress, run_with_runtime
+from phivault.cli.common import command_group, fail, progress, run_with_runtime
 from phivault.crypto.keys import KeyKind, generate_key_line
 from phivault.keys import service
 from phivault.runtime import Runtime
 
-app = typer.Typer(help="Generate keys, count data keys per master key, re-wrap after a master "
-                       "key rotation, re-index after an index key rotation.",
-                  no_args_is_help=True)
+app = command_group("Generate keys, count data keys per master key, re-wrap after a master "
+                    "key rotation, re-index after an index key rotation.")
 
 
 @app.command()

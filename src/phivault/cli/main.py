@@ -8,12 +8,13 @@ import typer
 
 from phivault import __version__
 from phivault.cli import audit, demo, gdpr, instance, keys, research, users
+from phivault.cli.common import command_group
 
-app = typer.Typer(
-    name="phivault", no_args_is_help=True, pretty_exceptions_enable=False,
-    add_completion=False,
-    help="phivault keeps medical data safe. Every command reads the PHIVAULT_* environment "
-         "(a .env file works too); see the README for each variable.",
+app = command_group(
+    "phivault keeps medical data safe. Every command reads the PHIVAULT_* environment (a .env "
+    "file works too; in a development instance's directory, ./var/phivault.env under them); "
+    "see the README for each variable.",
+    name="phivault", pretty_exceptions_enable=False, add_completion=False,
 )
 app.command()(instance.init)
 app.command()(instance.migrate)

@@ -10,7 +10,7 @@ import typer
 from phivault.audit import service
 from phivault.audit.actions import Action, Outcome
 from phivault.audit.export import ExportWriteError
-from phivault.cli.common import fail, progress, run_writing, settings_or_exit
+from phivault.cli.common import command_group, fail, progress, run_writing, settings_or_exit
 from phivault.crypto import IntegrityError
 from phivault.db.base import utcnow
 from phivault.privacy.research import (
@@ -23,7 +23,7 @@ from phivault.privacy.research import (
 )
 from phivault.runtime import Runtime
 
-app = typer.Typer(help="De-identified research exports (SPEC §9).", no_args_is_help=True)
+app = command_group("De-identified research exports (SPEC §9).")
 
 
 @app.command()

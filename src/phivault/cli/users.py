@@ -16,11 +16,11 @@ from phivault.auth.accounts import ImportReport
 from phivault.auth.models import AuthSession, User
 from phivault.auth.schemas import UserView
 from phivault.auth.service import revoke_sessions
-from phivault.cli.common import fail, run_with_runtime
+from phivault.cli.common import command_group, fail, run_with_runtime
 from phivault.errors import PhivaultError
 from phivault.runtime import Runtime
 
-app = typer.Typer(help="Create, list, disable and import user accounts.", no_args_is_help=True)
+app = command_group("Create, list, disable and import user accounts.")
 
 
 @app.command()

@@ -52,6 +52,7 @@ from phivault.db.paging import fetch_page
 from phivault.db.phases import reads_only
 from phivault.errors import InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMedia
 from phivault.keys.service import RowCipher, add_row_cipher, row_cipher
+from phivault.schemas import single_line
 
 TABLE = "attachments"
 MAX_FILE_BYTES = 25 * 1024 * 1024
@@ -131,6 +132,14 @@ class _Upload:
         name = raw_name.replace("\\", "/").rsplit("/", 1)[-1].strip()
         if not 1 <= len(name) <= 255:
             raise InvalidRequest("The file needs a name of 1 to 255 characters.")
+        try:
+            # Names are shown in listings, exports and terminals, like any other text.
+            single_line(name)
+        except ValueError:
+            raise InvalidRequest("The file name must be one line without control "
+                                 "characters.") from None
+        if not name.strip("."):
+            raise InvalidRequest("The file needs a name, not only dots.")
         self.filename = name
         declared, _ = parse_options_header(part.headers.get("content-type", b""))
         self.declared = declared.decode("latin-1").lower()

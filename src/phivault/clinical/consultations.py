@@ -22,7 +22,7 @@ from phivault.access.care import care_from, deny, granting, has_care_relationshi
 from phivault.access.permissions import Role
 from phivault.audit import service as audit
 from phivault.audit.actions import Action
-from phivault.auth.models import User
+from phivault.auth.models import StaffProfile, User
 from phivault.auth.service import require_active_user
 from phivault.auth.tokens import AccessClaims
 from phivault.clinical import notifications
@@ -104,11 +104,25 @@ async def create(session: AsyncSession, envelope: Envelope, claims: AccessClaims
     session.add(row)
     if status == "proposed":
         notifications.notify(session, envelope, patient_id, "consultation_proposed",
-                             "A doctor proposed a consultation; accept it to start your care "
-                             "relationship, or cancel it.")
+                             await _proposal_text(session, doctor_id, row))
     audit.record(session, Action.CREATE_CONSULTATION, resource_type="consultation",
                  resource_id=row_id, patient_id=patient_id, metadata={"status": status})
     return await _view(session, envelope, row)
+
+
+async def _proposal_text(session: AsyncSession, doctor_id: uuid.UUID,
+                         row: Consultation) -> str:
+    """What the patient is told of a proposal: who (the doctor's name and specialty, from the
+    staff directory), what (a consultation, its time and id) and what to do about it. Sealed
+    in the notification like any of its text."""
+    profile = await session.get(StaffProfile, doctor_id)
+    who = "A doctor"
+    if profile is not None:
+        who = f"{profile.full_name} (doctor" + (
+            f", {profile.specialty})" if profile.specialty else ")")
+    return (f"{who} proposed a consultation with you on {row.scheduled_at:%Y-%m-%d %H:%M} UTC "
+            f"(consultation {row.id}). Accept it to start your care relationship with them, "
+            "or cancel it.")
 
 
 # Erased patients' ids: a doctor neither lists nor changes their consultations any more (the

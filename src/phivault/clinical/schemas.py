@@ -8,7 +8,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
-from phivault.schemas import MULTI_LINE, SINGLE_LINE, RequestModel, Upcoming, UUIDText
+from phivault.schemas import (
+    MULTI_LINE,
+    SINGLE_LINE,
+    RequestModel,
+    Upcoming,
+    UUIDText,
+    examples,
+)
 
 ConsultationStatus = Literal["proposed", "scheduled", "completed", "cancelled"]
 ClinicalText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
@@ -28,6 +35,10 @@ When = Upcoming
 class PatientBooking(RequestModel):
     """A patient books a doctor."""
 
+    model_config = examples({
+        "doctor_id": "00000000-0000-4000-8000-00000000d0c1",
+        "scheduled_at": "2031-05-04T10:00:00Z", "reason": "A persistent cough"})
+
     doctor_id: UUIDText
     scheduled_at: When
     reason: Reason
@@ -36,12 +47,18 @@ class PatientBooking(RequestModel):
 class DoctorProposal(RequestModel):
     """A doctor schedules (existing patient) or proposes (new patient) a consultation."""
 
+    model_config = examples({
+        "patient_id": "00000000-0000-4000-8000-0000000000a1",
+        "scheduled_at": "2031-05-04T10:00:00+02:00", "reason": "Follow-up of a referral"})
+
     patient_id: UUIDText
     scheduled_at: When
     reason: Reason
 
 
 class ConsultationUpdate(RequestModel):
+    model_config = examples({"status": "scheduled"}, {"notes": "Listened to the chest; no wheeze."})
+
     status: ConsultationStatus | None = None
     scheduled_at: When | None = None
     notes: ClinicalText | None = None
@@ -66,12 +83,18 @@ class PatientListItem(BaseModel):
 
 
 class RecordCreate(RequestModel):
+    model_config = examples({
+        "diagnosis": "Acute bronchitis", "prescriptions": ["Rest", "Fluids"],
+        "notes": "Review in a week."})
+
     diagnosis: ClinicalText
     prescriptions: list[PrescriptionLine] = Field(max_length=50)
     notes: ClinicalText | None = None
 
 
 class RecordAmend(RequestModel):
+    model_config = examples({"notes": "Better at review; no further treatment."})
+
     diagnosis: ClinicalText | None = None
     prescriptions: list[PrescriptionLine] | None = Field(default=None, max_length=50)
     notes: ClinicalText | None = None
@@ -90,6 +113,9 @@ class RecordView(BaseModel):
 
 
 class PrescriptionCreate(RequestModel):
+    model_config = examples({
+        "medication": "Amoxicillin", "dosage": "500 mg", "instructions": "Three times a day."})
+
     medication: ShortText
     dosage: ShortText
     instructions: ClinicalText
@@ -124,6 +150,9 @@ class PaymentCreate(RequestModel):
     """Amount in minor units (cents). Only these fields: anything else, card data included,
     is refused with 422."""
 
+    model_config = examples({
+        "amount": 4500, "currency": "EUR", "provider_reference": "ch_EXAMPLE_0001"})
+
     amount: int = Field(ge=1, le=100_000_000)
     currency: Currency
     provider_reference: ProviderReference
@@ -141,6 +170,9 @@ class PaymentView(BaseModel):
 
 
 class BreakGlassRequest(RequestModel):
+    model_config = examples({
+        "reason": "Unconscious in the emergency room, allergies unknown"})
+
     reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=20,
                                              max_length=1000), MULTI_LINE]
 

@@ -14,10 +14,12 @@ from phivault.access.permissions import Role
 from phivault.audit.schemas import Instant
 from phivault.auth.schemas import ErasureRequest, Me, ProfileRectification
 from phivault.auth.tokens import AccessClaims
+from phivault.db.base import utcnow
 from phivault.privacy import consents, erasure, export, rectification
 from phivault.privacy.consents import ConsentChoice, ConsentView
 from phivault.privacy.schemas import ExportQuery
 from phivault.web.dependencies import RuntimeDep, SessionDep
+from phivault.web.downloads import attachment_disposition
 from phivault.web.errors import responses
 from phivault.web.gates import gate_of
 
@@ -28,9 +30,9 @@ Patient = Annotated[AccessClaims, Depends(Allow(Role.PATIENT))]
 @router.patch("/me", responses=responses(401, 403, 422), summary="Rectify my profile")
 async def rectify_me(body: ProfileRectification, claims: Patient, runtime: RuntimeDep,
                      session: SessionDep) -> Me:
-    """Correct any of `full_name`, `phone`, `address` and `birth_date` (GDPR article 16).
-    Fields not sent stay as they are; `phone`, `address` and `birth_date` may be sent as null
-    to remove them. A birth date before 1900 or in the future is a 422. Audited as
+    """Patients only. Correct any of `full_name`, `phone`, `address` and `birth_date` (GDPR
+    article 16). Fields not sent stay as they are; `phone`, `address` and `birth_date` may be
+    sent as null to remove them. A birth date before 1900 or in the future is a 422. Audited as
     `UPDATE_PROFILE` with the names of the changed fields (never their values). Answers the
     profile as it now is."""
     await rectification.rectify(session, runtime.envelope, claims.user_id, body)
@@ -41,15 +43,15 @@ async def rectify_me(body: ProfileRectification, claims: Patient, runtime: Runti
                summary="Erase my account")
 async def erase_me(body: ErasureRequest, claims: Patient, runtime: RuntimeDep,
                    session: SessionDep) -> Response:
-    """Erasure (GDPR article 17), after the current password again (a wrong one is a 401
-    `invalid_credentials` and counts toward the login lock-out). In one transaction: the
-    identity (name, email and its blind index, phone, address) is destroyed with the data
-    keys that sealed it and the birth date is cut to its year; every session ends (this
-    access token stops working at once); notifications are deleted, consents withdrawn, open
-    future consultations cancelled; the status becomes `deleted`. Medical records,
-    prescriptions, consultations, payments and the audit trail stay under the pseudonymous
-    id, and the doctor who wrote a record or prescription keeps read access to it. The email
-    may register again, as a new person. Audited as `ACCOUNT_ERASED`."""
+    """Patients only. Erasure (GDPR article 17), after the current password again (a wrong one
+    is a 401 `invalid_credentials` and counts toward the login lock-out). In one transaction:
+    the identity (name, email and its blind index, phone, address) is destroyed with the data
+    keys that sealed it and the birth date is cut to its year; every session ends (this access
+    token stops working at once); notifications are deleted, consents withdrawn, open future
+    consultations cancelled; the status becomes `deleted`. Medical records, prescriptions,
+    consultations, payments and the audit trail stay under the pseudonymous id, and the doctor
+    who wrote a record or prescription keeps read access to it. The email may register again, as
+    a new person. Audited as `ACCOUNT_ERASED`."""
     await runtime.authenticator.confirm_password(session, claims.user_id, body.password,
                                                  reason="erasure_bad_password")
     await erasure.erase(session, runtime.envelope, claims.user_id)
@@ -95,14 +97,15 @@ async def export_my_data(claims: Patient, query: Annotated[ExportQuery, Query()]
     `DATA_EXPORT` with its format."""
     export.record(session, claims.user_id, query.format)
     start = await export.begin(runtime, claims.user_id, session)
-    name = "phivault-export.json" if query.format is export.ExportFormat.JSON \
-        else "phivault-export.fhir.json"
+    day = utcnow().date().isoformat()
+    name = f"phivault-export-{day}.json" if query.format is export.ExportFormat.JSON \
+        else f"phivault-export-{day}.fhir.json"
     # The unit of work (and its DATA_EXPORT event) commits before the body streams; the body
     # reads in short transactions of its own, one page at a time.
     return StreamingResponse(export.stream(runtime, start, query.format),
                              media_type=export.MEDIA_TYPES[query.format],
                              headers={"Cache-Control": "no-store",
-                                      "Content-Disposition": f'attachment; filename="{name}"'})
+                                      "Content-Disposition": attachment_disposition(name)})
 
 
 @router.get("/me/consents", responses=responses(401, 403, 404, 422),
@@ -113,6 +116,11 @@ async def read_consents(claims: Patient, session: SessionDep,
                                         "consents in force at that instant (proof of "
                                         "consent); 404 before the first.")] = None
                         ) -> ConsentView:
+    """Patients only: their consents in force now (`marketing`, `data_sharing`, `analytics`,
+    `consent_date`), or with `at` those in force at that instant (proof of consent, GDPR
+    article 7(1)); 404 `not_found` for an instant before the first consent. A new patient's
+    are all false until changed: doctors read the chart only while `data_sharing` is true.
+    Audited as `VIEW_CONSENT`."""
     if at is not None:
         return await consents.at(session, claims.user_id, at)
     return await consents.current(session, claims.user_id)
@@ -121,11 +129,15 @@ async def read_consents(claims: Patient, session: SessionDep,
 @router.put("/me/consents", responses=responses(401, 403, 422), summary="Change my consents")
 async def change_consents(body: ConsentChoice, claims: Patient,
                           session: SessionDep) -> ConsentView:
-    """All three booleans; a new version is appended to the history. Withdrawing
-    `data_sharing` closes your chart to doctors at once (break-glass excepted)."""
+    """Patients only. All three booleans, each required and strictly `true` or `false` (no
+    `"yes"`, no `1`: 422); a new version is appended to the history, none is ever changed.
+    Withdrawing `data_sharing` closes your chart to doctors at once (break-glass excepted).
+    Audited as `CONSENT_CHANGED`."""
     return await consents.change(session, claims.user_id, body)
 
 
 @router.get("/me/consents/history", responses=responses(401, 403), summary="My consent history")
 async def consent_history(claims: Patient, session: SessionDep) -> list[ConsentView]:
+    """Patients only: every version of their consents, oldest first, each with the time it
+    took effect (`consent_date`). Audited as `VIEW_CONSENT`."""
     return await consents.history(session, claims.user_id)

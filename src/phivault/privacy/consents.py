@@ -15,10 +15,12 @@ from phivault.auth.models import User
 from phivault.db.base import utcnow
 from phivault.errors import InvalidToken, NotFound
 from phivault.privacy.models import Consent
-from phivault.schemas import RequestModel
+from phivault.schemas import RequestModel, examples
 
 
 class ConsentChoice(RequestModel):
+    model_config = examples({"marketing": False, "data_sharing": True, "analytics": False})
+
     marketing: StrictBool
     data_sharing: StrictBool
     analytics: StrictBool

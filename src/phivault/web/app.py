@@ -18,7 +18,7 @@ from phivault.config import Settings, load_settings
 from phivault.observability import configure_logging
 from phivault.privacy.api import router as privacy_router
 from phivault.runtime import Runtime
-from phivault.web import docs, errors, health
+from phivault.web import docs, errors, health, openapi
 from phivault.web.middleware import RequestGuardMiddleware
 
 API_PREFIX = "/api/v1"
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     )
     app.state.runtime = runtime
     errors.install(app)
+    openapi.install(app)
 
     # Each router straight onto the app (not under one /api/v1 router): one level of routing
     # less on every request.

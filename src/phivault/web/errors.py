@@ -57,9 +57,12 @@ FRAMEWORK_CODES = {
     409: ("conflict", "The request conflicts with the current state."),
     408: ("request_timeout", "The request body arrived too slowly."),
     413: ("payload_too_large", "The request body is too large."),
-    415: ("unsupported_media_type", "Send the body as application/json."),
+    414: ("uri_too_long", "The URL is too long (at most 16 KiB)."),
+    415: ("unsupported_media_type", "The body's media type is not one this route takes."),
     422: ("validation_error", "The request body or parameters are invalid."),
     429: ("rate_limited", "Too many requests; try again later."),
+    431: ("headers_too_large", "The request's header section is too large or has too many "
+                               "fields (at most 16 KiB and 100 fields)."),
     500: ("internal_error", "An internal error occurred."),
     503: ("not_ready", "The service is not ready."),
 }
@@ -87,12 +90,40 @@ def framework_error(status: int, **extra: Any) -> JSONResponse:
 # The 503 every route that reaches the database may answer (`responses`).
 UNAVAILABLE_DESCRIPTION = ("`unavailable`: the database is down, restarting or unreachable; "
                            "retry after `Retry-After` seconds.")
+# Codes answered here rather than by a domain error (the handlers below, the request guard).
+HANDLER_CODES = {400: ("malformed_json",), 500: ("integrity_failure",)}
+
+
+def error_codes() -> dict[int, list[str]]:
+    """Every error code each status may carry: ours, and every domain error's by `STATUS_OF`.
+
+    Read from the error classes when asked, so a new domain error is documented by being
+    defined. A 503 from a route is `unavailable`; `not_ready` is `/readyz`'s own."""
+    codes: dict[int, set[str]] = {status: {code} for status, (code, _) in FRAMEWORK_CODES.items()}
+    for status, extra in HANDLER_CODES.items():
+        codes[status].update(extra)
+    codes[503] = {"unavailable"}
+    pending = list(errors.PhivaultError.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        status = next((s for kind, s in STATUS_OF.items() if issubclass(cls, kind)), 400)
+        codes.setdefault(status, set()).add(cls.code)
+    return {status: sorted(found) for status, found in codes.items()}
+
+
+def describe(status: int) -> str:
+    """An error answer's OpenAPI description: the codes it may carry, then what it means."""
+    if status == 503:
+        return UNAVAILABLE_DESCRIPTION
+    codes = ", ".join(f"`{code}`" for code in error_codes().get(status, ()))
+    return f"{codes}: {FRAMEWORK_CODES[status][1]}"
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` for a route's error answers, and the 503 of a database outage."""
     described: dict[int | str, dict[str, Any]] = {
-        s: {"model": ErrorBody, "description": FRAMEWORK_CODES[s][1]} for s in statuses}
+        s: {"model": ErrorBody, "description": describe(s)} for s in statuses}
     described.setdefault(503, {"model": ErrorBody, "description": UNAVAILABLE_DESCRIPTION})
     return described
 
@@ -107,12 +138,16 @@ _PLAIN_MESSAGES = {
 }
 
 
+# A body can be wrong in up to 1,000 keys (the request guard's bound): the first few say enough.
+MAX_FIELD_PROBLEMS = 20
+
+
 def _field_problems(exc: RequestValidationError) -> list[dict[str, str]]:
     """Each bad field and what is wrong with it, never the submitted value: `input` and `ctx`
     are dropped, messages that quote input are replaced, and a key the client invented (an
-    unknown field) is named only when it looks like a field name."""
+    unknown field) is named only when it looks like a field name. At most MAX_FIELD_PROBLEMS."""
     problems = []
-    for error in exc.errors():
+    for error in exc.errors()[:MAX_FIELD_PROBLEMS]:
         parts = [str(part) for part in error.get("loc", ())]
         if error.get("type") == "extra_forbidden" and parts and not _FIELD_NAME.match(parts[-1]):
             parts[-1] = "(unknown field)"

@@ -20,9 +20,10 @@ class Page:
         response.headers["X-Total-Count"] = str(total)
 
 
-async def _page(limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="At most 500.")] = 50,
-                offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Page:
+async def page_parameters(
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="At most 500.")] = 50,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Page:
     return Page(limit, offset)
 
 
-PageDep = Annotated[Page, Depends(_page)]
+PageDep = Annotated[Page, Depends(page_parameters)]

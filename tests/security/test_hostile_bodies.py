@@ -297,3 +297,15 @@ async def test_a_body_of_quotes_and_escapes_is_refused_in_linear_time(
     elapsed = time.monotonic() - started
     assert_refused(response, MALFORMED, "64 KiB of quotes")
     assert elapsed < 2, elapsed  # linear: about a millisecond of scanning
+
+
+async def test_a_422_names_at_most_20_fields(client: httpx.AsyncClient,
+                                             runtime: Runtime) -> None:
+    """A body may hold up to 1,000 unknown names (the I-JSON bound): the answer names the first
+    20 problems, not a thousand (a 422 is small whatever the body)."""
+    patient = await signed_in(runtime, "patient")
+    body = {f"unknown_{i}": 1 for i in range(900)}
+    response = await client.patch("/api/v1/me", json=body, headers=patient.headers)
+    assert response.status_code == 422
+    assert len(response.json()["fields"]) == 20
+    assert len(response.content) < 3000

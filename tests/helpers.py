@@ -69,6 +69,17 @@ def run_cli(*args: str, env: dict[str, str], cwd: Path | None = None, stdin: str
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def stop_server(process: subprocess.Popen[str]) -> None:
+    """SIGTERM, so the server drains as in production; SIGKILL after 30 s, then fail."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+        raise
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -30,7 +30,7 @@ from phivault.db.migrate import upgrade
 from phivault.runtime import Runtime
 from tests.client.fakes import Fake, Handler, Kind
 from tests.conftest import Backend, build_settings, create_pg_database, drop_pg_database
-from tests.helpers import cli_env, free_port, phivault_command, wait_listening
+from tests.helpers import cli_env, free_port, phivault_command, stop_server, wait_listening
 
 ACCESS_TOKEN_TTL = 60
 MiB = 1024 * 1024
@@ -120,13 +120,10 @@ async def live_server(backend: Backend, keys_env: dict[str, str],
             raise AssertionError((folder / "server.log").read_text()[-2000:]) from None
         yield LiveServer(f"https://127.0.0.1:{port}", cert, runtime)
     finally:
-        process.terminate()
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-        log.close()
+            stop_server(process)
+        finally:
+            log.close()
         await runtime.close()
         if pg_name:
             await drop_pg_database(pg_name)

@@ -53,7 +53,14 @@ from phivault.cli.demo import Person, build
 from phivault.crypto.tls import write_self_signed_certificate
 from phivault.runtime import Runtime
 from phivault.web.app import create_app
-from tests.helpers import cli_env, client_context, free_port, phivault_command, wait_listening
+from tests.helpers import (
+    cli_env,
+    client_context,
+    free_port,
+    phivault_command,
+    stop_server,
+    wait_listening,
+)
 
 EXAMPLES = int(os.environ.get("PHIVAULT_TEST_FUZZ_EXAMPLES", "8"))
 RANDOM = os.environ.get("PHIVAULT_TEST_FUZZ_RANDOM") == "1"
@@ -117,13 +124,7 @@ async def clinic(fresh_runtime: Callable[..., Any], tmp_path: Path) -> Iterator[
     finally:
         if "clinic" in locals():
             clinic.http.close()  # no kept-alive connection for the server to wait on
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-            raise
+        stop_server(process)
 
 
 def _known_ids(base: str, cert: Path, people: dict[str, Person]) -> dict[str, str]:

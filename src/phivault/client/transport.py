@@ -11,7 +11,6 @@ is an `UnexpectedRedirect`. Answers are asked for uncompressed (see `answers.py`
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import ssl
 from os import PathLike
@@ -26,18 +25,10 @@ from phivault.client.errors import (
     PhivaultClientError,
     SessionRevoked,
 )
+from phivault.ops.addresses import is_loopback
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 USER_AGENT = f"phivault-client/{phivault.__version__}"
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def tls_context(ca_file: str | PathLike[str] | None) -> ssl.SSLContext:
@@ -54,7 +45,7 @@ def http_options(base_url: str, *, ca_file: str | PathLike[str] | None,
     url = httpx.URL(base_url)
     if url.scheme not in ("https", "http") or not url.host:
         raise ValueError("base_url must be an https:// URL, e.g. https://127.0.0.1:8443")
-    if url.scheme == "http" and not _loopback(url.host):
+    if url.scheme == "http" and not is_loopback(url.host):
         raise ValueError("phivault is served over HTTPS; http:// is for a loopback address only")
     if ca_file is not None and ssl_context is not None:
         raise ValueError("give ca_file or ssl_context, not both")

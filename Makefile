@@ -46,15 +46,18 @@ fuzz: lint ## Fuzz the API longer than `make test` does: 200 cases per operation
 fmt: $(VENV)/.dev-installed ## Sort imports and apply ruff's fixes.
 	$(BIN)/ruff check --fix src tests bench
 
-bench: $(VENV)/.dev-installed ## Run the benchmarks; results land in bench/results/.
+bench: $(VENV)/.dev-installed ## Run the benchmarks; results in bench/results/, the table in bench/README.md.
+	@command -v wrk >/dev/null || { echo "make bench: bench/api_bench.py and login_storm_bench.py load the API with wrk; install it first: apt-get install wrk (Debian, Ubuntu), dnf install wrk (Fedora), brew install wrk (macOS)"; exit 1; }
 	PYTHONPATH=src $(BIN)/python bench/crypto_bench.py
 	PYTHONPATH=src $(BIN)/python bench/audit_bench.py
 	PYTHONPATH=src $(BIN)/python bench/audit_search_bench.py
 	PYTHONPATH=src $(BIN)/python bench/auth_bench.py
 	PYTHONPATH=src $(BIN)/python bench/attachment_bench.py
+	PYTHONPATH=src $(BIN)/python bench/export_bench.py
 	PYTHONPATH=src $(BIN)/python bench/api_bench.py
 	PYTHONPATH=src $(BIN)/python bench/login_storm_bench.py
 	PYTHONPATH=src $(BIN)/python bench/rewrap_bench.py
+	$(BIN)/python bench/summary.py
 
 clean: ## Remove the virtualenv and caches (keeps ./var/).
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -112,11 +112,13 @@ def wrk(url: str, seconds: int, token: str, script: Path | None = None,
     output = subprocess.run([*command, url], capture_output=True, text=True, check=True,
                             timeout=seconds + 60).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", output)
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", output)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     socket_errors = re.search(r"Socket errors: (.*)", output)
     return {"requests_per_second": rps,
+            "p50_ms": round(float(p50.group(1)) * scale[p50.group(2)], 2) if p50 else None,
             "p99_ms": round(float(p99.group(1)) * scale[p99.group(2)], 2) if p99 else None,
             "non_2xx": int(errors.group(1)) if errors else 0,
             "socket_errors": socket_errors.group(1) if socket_errors else None}
@@ -211,7 +213,47 @@ def cpu_meter(base: str) -> Iterator[dict[str, float]]:
     spent["wrk"] = (done.ru_utime + done.ru_stime) - (children.ru_utime + children.ru_stime)
 
 
-def measure(values: dict[str, Any], workers: int, seconds: int) -> dict[str, Any]:
+# Where a worker's time goes, by the frames that stand for each part (inclusive shares of the
+# samples of the worker's event loop thread and of SQLAlchemy's greenlets).
+PROFILE_PARTS = {
+    "endpoint and services (read_record)": ("read_record",),
+    "FastAPI dependencies (solve_dependencies)": ("solve_dependencies",),
+    "SQLAlchemy (AsyncSession.execute, greenlets)": ("greenlet_spawn", "Session.execute"),
+    "asyncpg (prepared statements)": ("PreparedStatement.",),
+    "socket writes (TLS and PostgreSQL)": ("_SelectorSocketTransport.write",),
+    "TLS (sslproto)": ("SSLProtocol.",),
+    "unit of work commit (runtime._commit)": ("Runtime._commit",),
+    "response (Response.__call__)": ("Response.__call__",),
+}
+
+
+def profile(base: str, ids: dict[str, str], seconds: int) -> dict[str, Any]:
+    """Sample the server's worker with py-spy while wrk reads the record; the flame graph goes
+    to bench/results/flame_get_record_now.svg, the shares of PROFILE_PARTS into the result."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    port = int(base.rsplit(":", 1)[1])
+    pid = max(pid for pid, (kind, _) in _cpu_by_kind(port).items() if kind == "server")
+    raw, svg = Path(tempfile.mkdtemp()) / "stacks.txt", RESULTS / "flame_get_record_now.svg"
+    runs = []
+    for fmt, out in (("raw", raw), ("flamegraph", svg)):
+        runs.append(subprocess.Popen([spy, "record", "--pid", str(pid), "--nonblocking", "-r",
+                                      "200", "-d", str(seconds - 2), "-f", fmt, "-o", str(out)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wrk(f"{base}/api/v1/records/{ids['record']}", seconds, ids["token"])
+        runs[-1].wait(timeout=60)
+    total, shares = 0, dict.fromkeys(PROFILE_PARTS, 0)
+    for line in raw.read_text().splitlines():
+        stack, count = line.rsplit(" ", 1)
+        total += int(count)
+        for part, frames in PROFILE_PARTS.items():
+            if any(frame in stack for frame in frames):
+                shares[part] += int(count)
+    return {"samples": total, "flame_graph": f"bench/results/{svg.name}",
+            "inclusive_share": {part: round(n / max(total, 1), 3) for part, n in shares.items()}}
+
+
+def measure(values: dict[str, Any], workers: int, seconds: int,
+            with_profile: bool = False) -> dict[str, Any]:
     """`GET /healthz`, `GET /records/{id}` and `POST /patients/{pid}/records` against one
     server of `workers` worker processes."""
     with served(values, workers) as (base, ids, tmp):
@@ -234,6 +276,8 @@ def measure(values: dict[str, Any], workers: int, seconds: int) -> dict[str, Any
             "post_record": wrk(f"{base}/api/v1/patients/{ids['patient']}/records", seconds,
                                ids["token"], post),
         }
+        if with_profile:
+            results["profile"] = profile(base, ids, seconds)
     health = results["healthz"]["requests_per_second"]
     read_ratio = round(results["get_record"]["requests_per_second"] / health, 3)
     write_ratio = round(results["post_record"]["requests_per_second"] / health, 3)
@@ -245,7 +289,8 @@ def measure(values: dict[str, Any], workers: int, seconds: int) -> dict[str, Any
             "read_ratio": read_ratio >= TARGETS["read_ratio"],
             "read_p99": (results["get_record"]["p99_ms"] or 1e9) < TARGETS["read_p99_ms"],
             "write_ratio": write_ratio >= TARGETS["write_ratio"],
-            "no_errors": all(r["non_2xx"] == 0 for r in results.values()),
+            "no_errors": all(r["non_2xx"] == 0 for name, r in results.items()
+                             if name != "profile"),
         },
     }
 
@@ -260,14 +305,17 @@ def main() -> None:
                         help="measure the worker counts this many times, interleaved; the "
                              "scale-out figure is the median of the rounds' ratios (a shared "
                              "machine's noise falls on a round's two counts alike)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also sample one worker with py-spy during a record read "
+                             "(`pip install py-spy`): flame graph and shares in the result")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("api_bench: needs wrk (apt-get install wrk)")
     counts = [int(n) for n in args.workers.split(",")]
     values = {**keys(), "database_url": pg_url(DATABASE), "argon2_memory_kib": 19456,
               "auth_rate_limit": "1000000/minute"}
-    rounds = [{str(n): measure(values, n, args.seconds) for n in counts}
-              for _ in range(max(1, args.rounds))]
+    rounds = [{str(n): measure(values, n, args.seconds, args.profile and n == 1 and i == 0)
+               for n in counts} for i in range(max(1, args.rounds))]
     ratios = [round(r["2"]["get_record"]["requests_per_second"]
                     / r["1"]["get_record"]["requests_per_second"], 3)
               for r in rounds if "1" in r and "2" in r]
@@ -278,7 +326,8 @@ def main() -> None:
     document: dict[str, Any] = {
         "machine": machine_info(),
         "command": f"PYTHONPATH=src python bench/api_bench.py --seconds {args.seconds} "
-                   f"--workers {args.workers} --rounds {max(1, args.rounds)}",
+                   f"--workers {args.workers} --rounds {max(1, args.rounds)}"
+                   + (" --profile" if args.profile else ""),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "method": "phivault serve (N worker processes, HTTPS, PostgreSQL, log level warning) "
                   "on a fresh database per N; wrk -t2 -c32 on the same 2-core machine, one "

@@ -216,7 +216,8 @@ async def fresh_runtime(backend: Backend, tmp_path: Path,
     made: list[tuple[Runtime, str | None]] = []
 
     async def make(**overrides: Any) -> Runtime:
-        """A new database, or with `database_url=` another runtime's (e.g. after rotation)."""
+        """A new database, or with `database_url=` another runtime's (e.g. after rotation);
+        `migrate=False` leaves the schema to the test."""
         if "database_url" in overrides:
             url, pg_name = overrides.pop("database_url"), None
         elif backend.name == "sqlite":
@@ -225,9 +226,11 @@ async def fresh_runtime(backend: Backend, tmp_path: Path,
             pg_name = f"phivault_f_{_worker()}_{secrets.token_hex(4)}"
             url = await create_pg_database(pg_name)
         chain_after_commit = overrides.pop("chain_after_commit", True)
+        migrate = overrides.pop("migrate", True)
         rt = Runtime.from_settings(build_settings(keys_env, url, **overrides),
                                    chain_after_commit=chain_after_commit)
-        await upgrade(rt.engine)
+        if migrate:
+            await upgrade(rt.engine)
         made.append((rt, pg_name))
         return rt
 

@@ -5,12 +5,13 @@ tests of verification at scale. Tests of appending go through `record()` instead
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert, select, text, update
 
+from phivault.audit import timeline
 from phivault.audit.chain import ChainedEvent, canonical_json, chain_hash
 from phivault.audit.models import AuditEvent, AuditHead
 from phivault.db.base import core_table
@@ -22,10 +23,15 @@ START = datetime(2026, 12, 1, 8, 0, 0, tzinfo=UTC)
 _USER_AGENTS = ("clinic-app/4.2 (iPad)", "Mozilla/5.0 (X11; Linux x86_64)", None)
 
 
-def chain_rows(key: bytes, count: int, *, after_seq: int = 0, after_hash: bytes = bytes(32)
-               ) -> Iterator[dict[str, Any]]:
+def _steady(seq: int) -> datetime:
+    return START + timedelta(microseconds=seq * 1010)
+
+
+def chain_rows(key: bytes, count: int, *, after_seq: int = 0, after_hash: bytes = bytes(32),
+               times: Callable[[int], datetime] = _steady) -> Iterator[dict[str, Any]]:
     """`count` events chained after (`after_seq`, `after_hash`), as rows of `audit_events`:
-    doctors reading records, logins with no actor, a few NULLs and varied metadata."""
+    doctors reading records, logins with no actor, a few NULLs and varied metadata; event
+    `seq` happened at `times(seq)`."""
     prev = after_hash
     doctors = [uuid.uuid4() for _ in range(5)]
     patients = [uuid.uuid4() for _ in range(50)]
@@ -34,7 +40,7 @@ def chain_rows(key: bytes, count: int, *, after_seq: int = 0, after_hash: bytes 
         metadata: dict[str, Any] = ({"version": seq % 4} if seq % 3 else
                                     {"ok": True, "count": seq, "basis": "care"})
         event = ChainedEvent(
-            seq=seq, at=START + timedelta(microseconds=seq * 1010),
+            seq=seq, at=times(seq),
             actor_id=None if anonymous else doctors[seq % 5],
             actor_role=None if anonymous else "doctor",
             action="LOGIN_FAILURE" if anonymous else "VIEW_MEDICAL_RECORD",
@@ -49,13 +55,17 @@ def chain_rows(key: bytes, count: int, *, after_seq: int = 0, after_hash: bytes 
         prev = digest
 
 
-async def write_chain(rt: Runtime, count: int, *, batch: int = 5000) -> None:
-    """Append `count` synthetic events after the current head, and move the head."""
+async def write_chain(rt: Runtime, count: int, *, batch: int = 5000,
+                      times: Callable[[int], datetime] = _steady, timed: bool = True) -> None:
+    """Append `count` synthetic events after the current head, and move the head; with
+    `timed`, then store the chain's timing in the head, as a restore would
+    (`timeline.recompute`), or the head's timing no longer covers the chain."""
     async with rt.engine.begin() as connection:
         seq, prev = (await connection.execute(
             select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1))).one()
         rows: list[dict[str, Any]] = []
-        for row in chain_rows(rt.audit_key, count, after_seq=seq, after_hash=prev):
+        for row in chain_rows(rt.audit_key, count, after_seq=seq, after_hash=prev,
+                              times=times):
             rows.append(row)
             if len(rows) == batch:
                 await connection.execute(_INSERT, rows)
@@ -65,6 +75,8 @@ async def write_chain(rt: Runtime, count: int, *, batch: int = 5000) -> None:
             seq, prev = rows[-1]["seq"], rows[-1]["hash"]
         await connection.execute(update(AuditHead).where(AuditHead.id == 1)
                                  .values(seq=seq, hash=prev))
+        if timed:
+            await connection.run_sync(timeline.recompute)
 
 
 async def tamper(rt: Runtime, sql: str, **params: Any) -> None:

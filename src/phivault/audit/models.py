@@ -127,12 +127,17 @@ class RejectedEvent(Base):
 
 class AuditHead(Base):
     """The chain's head: the last `seq` and `hash`. Only the sequencer moves it (and locks it
-    while it does); a trigger refuses deleting it."""
+    while it does); a trigger refuses deleting it. It also keeps how the chain's times follow
+    its order (`audit/timeline.py`), up to `timed_seq`, for searches over a time window."""
 
     __tablename__ = "audit_head"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
     hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    latest_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    lateness_us: Mapped[int | None] = mapped_column(BigInteger(), nullable=True)
+    timed_seq: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), nullable=True)
 
     __table_args__ = (CheckConstraint("id = 1", name="single_row"),)

@@ -5,8 +5,8 @@ break-glass reasons opened (and audited) for the auditor.
 Each filter column has an index that ends in `seq` (`audit/models.py`). A page is found in two
 steps: its `seq`s by an index-only read of that index in `seq` order, stopping after `limit`
 entries, then its rows by primary key; so a one-filter page costs the same wherever its events
-lie in the trail (measured in bench/audit_search_bench.py). A time window alone is read from
-whichever side is cheaper (`_scan_window`).
+lie in the trail (measured in bench/audit_search_bench.py). A time window is read within the
+`seq` range that holds it (`audit/timeline.py`), not from an end of the chain.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from phivault.access.break_glass import GrantReason, ReasonMac, open_reasons
 from phivault.audit import service as audit
+from phivault.audit import timeline
 from phivault.audit.actions import Action
 from phivault.audit.models import AuditEvent, AuditHead
 from phivault.audit.schemas import AuditEventView, AuditSearch, SortOrder
@@ -54,8 +55,10 @@ class SearchPage:
     total: Total
 
 
-def conditions(search: AuditSearch) -> list[ColumnElement[bool]]:
-    """The WHERE clauses of a search (combined with AND)."""
+def conditions(search: AuditSearch,
+               seqs: tuple[int, int] | None = None) -> list[ColumnElement[bool]]:
+    """The WHERE clauses of a search (combined with AND); `seqs`, the `seq` range that holds
+    its time window, narrows the index range read (it leaves the matches as they are)."""
     c = _EVENTS.c
     found: list[ColumnElement[bool]] = []
     if search.actor_id is not None:
@@ -74,90 +77,64 @@ def conditions(search: AuditSearch) -> list[ColumnElement[bool]]:
         found.append(c.at >= search.since)
     if search.until is not None:
         found.append(c.at < search.until)
+    if seqs is not None:
+        found += [c.seq >= seqs[0], c.seq <= seqs[1]]
     return found
 
 
-def page_query(search: AuditSearch, limit: int, offset: int, *,
-               scan_window: bool = False) -> Select[Any]:
+def page_query(search: AuditSearch, limit: int, offset: int,
+               seqs: tuple[int, int] | None = None) -> Select[Any]:
     """The statement of one page of a search (also what the benchmark explains).
 
     Two steps: the page's `seq`s first, then their rows by primary key. The first step reads
     only an index where one filter is given (an index-only scan of `(column, seq)`, however the
     matches are spread over the trail), and a deep offset skips index entries, not rows.
-    With `scan_window`, the first step reads the time window's events and sorts them, instead of
-    walking the chain from its end until the window starts (see `_scan_window`).
+    `seqs` is the `seq` range that holds a time window's events (`timeline.seq_range`): the
+    walk starts and stops there, not at the ends of the chain.
     """
     ascending = search.order is SortOrder.ASC
-    key: ColumnElement[Any] = _EVENTS.c.seq + 0 if scan_window else _EVENTS.c.seq
-    page = (select(_EVENTS.c.seq.label("seq")).where(*conditions(search))
-            .order_by(key.asc() if ascending else key.desc())
+    page = (select(_EVENTS.c.seq.label("seq")).where(*conditions(search, seqs))
+            .order_by(_EVENTS.c.seq.asc() if ascending else _EVENTS.c.seq.desc())
             .limit(limit).offset(offset).subquery("page"))
     return (select(*_COLUMNS)
             .select_from(_EVENTS.join(page, page.c.seq == _EVENTS.c.seq))
             .order_by(_EVENTS.c.seq.asc() if ascending else _EVENTS.c.seq.desc()))
 
 
-def _window_only(search: AuditSearch) -> bool:
-    return (search.since is not None or search.until is not None) and not (
-        search.actor_id or search.patient_id or search.action or search.outcome
-        or search.resource_type or search.resource_id)
+async def window_seqs(session: AsyncSession, search: AuditSearch) -> tuple[int, int] | None:
+    """The `seq` range that holds the search's time window, if it has one.
 
-
-async def _edge_seq(session: AsyncSession, condition: ColumnElement[bool],
-                    newest: bool) -> int | None:
-    """The `seq` of the newest (or oldest) event by time that meets `condition`: one probe of
-    the `at` index."""
-    order = _EVENTS.c.at.desc() if newest else _EVENTS.c.at.asc()
-    found = (await session.execute(select(_EVENTS.c.seq).where(condition).order_by(order)
-                                   .limit(1))).scalar_one_or_none()
-    return None if found is None else int(found)
-
-
-async def _scan_window(session: AsyncSession, search: AuditSearch) -> bool:
-    """Whether a time-window search should read its window rather than walk the chain.
-
-    The planner assumes a window's events are spread evenly over the chain, so for a broad
-    window it walks the chain from its end, which for a window far in the past means walking
-    every newer event first (hundreds of thousands). Time follows `seq` closely, so two probes
-    of the `at` index tell how many events lie beyond the window's edge and how many inside:
-    the cheaper side is read. Either way the answer is the same; only its cost differs.
-    """
-    if not _window_only(search):
-        return False
-    head = int((await session.execute(select(_HEAD.c.seq).where(_HEAD.c.id == 1))
-                ).scalar_one_or_none() or 0)
-    c = _EVENTS.c
-    top = head if search.until is None else await _edge_seq(session, c.at < search.until, True)
-    bottom = 1 if search.since is None else await _edge_seq(session, c.at >= search.since, False)
-    if top is None or bottom is None:
-        return False  # nothing on one side: the window is empty or reaches an end of the chain
-    inside = max(top - bottom + 1, 1)
-    beyond = bottom - 1 if search.order is SortOrder.ASC else head - top
-    return beyond > inside
+    Without it, the planner assumes a window's events are spread evenly over the chain: for a
+    broad window far in the past, newest first, it walks every newer event before the first
+    match (hundreds of thousands), or reads and sorts the whole window."""
+    if search.since is None and search.until is None:
+        return None
+    return await timeline.seq_range(session, search.since, search.until)
 
 
 async def planned_page_query(session: AsyncSession, search: AuditSearch, limit: int,
                              offset: int) -> Select[Any]:
-    """`page_query`, reading a time window's events where that is the cheaper way."""
-    return page_query(search, limit, offset, scan_window=await _scan_window(session, search))
+    """`page_query` within the `seq` range of the search's time window."""
+    return page_query(search, limit, offset, await window_seqs(session, search))
 
 
-def count_query(search: AuditSearch, cap: int) -> Select[Any]:
+def count_query(search: AuditSearch, cap: int,
+                seqs: tuple[int, int] | None = None) -> Select[Any]:
     """Count the matches, stopping at `cap + 1`: the cost is bounded by the cap."""
-    matches = select(literal(1).label("one")).where(*conditions(search)).limit(cap + 1)
+    matches = select(literal(1).label("one")).where(*conditions(search, seqs)).limit(cap + 1)
     return select(func.count()).select_from(matches.subquery())
 
 
-async def count(session: AsyncSession, search: AuditSearch, cap: int | None = None) -> Total:
+async def count(session: AsyncSession, search: AuditSearch, cap: int | None = None,
+                seqs: tuple[int, int] | None = None) -> Total:
     """The total of a search: exact without filters (the head's `seq`) or up to `cap`
-    (default `COUNT_CAP`) matches; beyond, `cap` and not exact."""
+    (default `COUNT_CAP`) matches; beyond, `cap` and not exact. `seqs` as for `page_query`."""
     cap = COUNT_CAP if cap is None else cap
-    where = conditions(search)
-    if not where:
+    if not conditions(search):
         head = (await session.execute(select(_HEAD.c.seq).where(_HEAD.c.id == 1))
                 ).scalar_one_or_none()
         return Total(int(head or 0), True)
-    counted = int((await session.execute(count_query(search, cap))).scalar_one())
+    counted = int((await session.execute(count_query(search, cap, seqs))).scalar_one())
     return Total(counted, True) if counted <= cap else Total(cap, False)
 
 
@@ -240,9 +217,9 @@ async def search_events(session: AsyncSession, sequencer: Sequencer, envelope: E
     answered is audited as `VIEW_BREAK_GLASS_REASON` with the patient's id; one that fails its
     `reason_mac` check raises `IntegrityError`."""
     await sequencer.drain()
-    query = await planned_page_query(session, search, limit, offset)
-    rows = list((await session.execute(query)).all())
-    total = await count(session, search)
+    seqs = await window_seqs(session, search)
+    rows = list((await session.execute(page_query(search, limit, offset, seqs))).all())
+    total = await count(session, search, seqs=seqs)
     views = [_view(row) for row in rows]
     await _add_break_glass_reasons(session, envelope, reason_mac, rows, views)
     audit.record(session, Action.VIEW_AUDIT_TRAIL, resource_type="audit_trail",

@@ -49,6 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from phivault.audit.chain import canonical_fields, chain_hash, queue_mac
 from phivault.audit.models import AuditEvent, AuditHead, QueuedEvent, RejectedEvent
+from phivault.audit.timeline import Timing
 from phivault.db.base import core_table, utcnow
 from phivault.db.engine import READ_ONLY
 from phivault.errors import database_unavailable
@@ -86,11 +87,16 @@ _TAKE = (select(*QUEUE_COLUMNS, exists().where(_EVENTS.c.event_id == _QUEUE.c.ev
 # The election: the head's row lock, which only a role that may UPDATE the head can take (an
 # advisory lock can be taken by any role that may connect, so a read-only role could stall
 # the sequencer with one). SKIP LOCKED: another sequencer holds it, step aside.
-_TRY_HEAD = (select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1)
-             .with_for_update(skip_locked=True))
-_WAIT_HEAD = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
+_HEAD_COLUMNS = (_HEAD.c.seq, _HEAD.c.hash, _HEAD.c.timed_seq, _HEAD.c.latest_at,
+                 _HEAD.c.lateness_us)
+_TRY_HEAD = (select(*_HEAD_COLUMNS).where(_HEAD.c.id == 1).with_for_update(skip_locked=True))
+_WAIT_HEAD = select(*_HEAD_COLUMNS).where(_HEAD.c.id == 1).with_for_update()
 _MOVE_HEAD = (update(_HEAD).where(_HEAD.c.id == 1)
               .values(seq=bindparam("new_seq"), hash=bindparam("new_hash")))
+# The head's move with its timing (audit/timeline.py), where the timing covers the chain.
+_MOVE_TIMED_HEAD = _MOVE_HEAD.values(timed_seq=bindparam("new_seq"),
+                                     latest_at=bindparam("latest_at"),
+                                     lateness_us=bindparam("lateness_us"))
 _INSERT_EVENTS = _EVENTS.insert()
 _INSERT_REJECTED = _REJECTED.insert()
 _DELETE_TAKEN = delete(_QUEUE).where(_QUEUE.c.id.in_(bindparam("ids", expanding=True)))
@@ -177,7 +183,7 @@ class Sequencer:
             head = (await connection.execute(_WAIT_HEAD if wait else _TRY_HEAD)).one_or_none()
             if head is None:
                 return None
-            taken, times = await self._chain(connection, head.seq, head.hash)
+            taken, times = await self._chain(connection, head)
         # Committed: the events are in the chain.
         if times:
             now = utcnow()
@@ -189,10 +195,12 @@ class Sequencer:
                 metrics.MERGE_DELAY.observe(delay)
         return taken
 
-    async def _chain(self, connection: AsyncConnection, seq: int, prev: bytes
+    async def _chain(self, connection: AsyncConnection, head: Any
                      ) -> tuple[int, list[datetime]]:
-        """Chain a batch inside `connection`'s transaction, which holds the head's lock.
-        Returns how many queued events were taken and the chained events' times."""
+        """Chain a batch inside `connection`'s transaction, which holds the head's lock, and
+        move the head (with its timing, where that covers the chain). Returns how many queued
+        events were taken and the chained events' times."""
+        seq, prev = int(head.seq), bytes(head.hash)
         rows = (await connection.execute(_TAKE, {"batch": BATCH})).all()
         if not rows:
             return 0, []
@@ -233,7 +241,13 @@ class Sequencer:
                         queue_ids=[r["id"] for r in rejected])
         if events:
             await connection.execute(_INSERT_EVENTS, events)
-            await connection.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
+            moved = {"new_seq": seq, "new_hash": prev}
+            if head.timed_seq == head.seq:
+                timing = Timing.stored(head.latest_at, head.lateness_us).after(
+                    event["at"] for event in events)
+                await connection.execute(_MOVE_TIMED_HEAD, {**moved, **timing.columns()})
+            else:
+                await connection.execute(_MOVE_HEAD, moved)
         await connection.execute(_DELETE_TAKEN, {"ids": [row.id for row in rows]})
         return len(rows), [event["at"] for event in events]
 

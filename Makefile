@@ -37,6 +37,7 @@ lint: $(VENV)/.dev-installed ## ruff (with the S security rules) and mypy --stri
 	$(BIN)/mypy
 
 test: lint ## Lint, then the suite on SQLite and PostgreSQL (PHIVAULT_TEST_DATABASE_URL).
+	@bash scripts/ensure-chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 fuzz: lint ## Fuzz the API longer than `make test` does: 200 cases per operation, a new seed.

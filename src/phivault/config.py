@@ -58,7 +58,8 @@ FIELD_ORDER = (
     "tls_key_file", "behind_proxy", "trusted_proxies", "redis_url", "access_token_ttl",
     "refresh_token_ttl", "auth_rate_limit", "lockout", "staff_approval", "smtp_url", "mail_from",
     "mfa_required_roles", "metrics_token",
-    "header_timeout", "redis_prefix", "session_cache_seconds", "db_pool_size",
+    "header_timeout", "redis_prefix", "session_cache_seconds", "portal_idle_minutes",
+    "portal_session_hours", "db_pool_size",
     "argon2_memory_kib",
     "argon2_time_cost", "argon2_parallelism", "log_level",
 )
@@ -162,6 +163,10 @@ class Settings(BaseSettings):
     # How long a worker may reuse a request's session check (auth/session_cache.py): SPEC §6
     # lets a revocation take up to a second to reach every worker; 0 asks the database always.
     session_cache_seconds: float = Field(1.0, ge=0.0, le=1.0)
+    # The privacy portal's sessions (portal/sessions.py): signed out after this many idle
+    # minutes, and this many hours after sign-in whatever the use.
+    portal_idle_minutes: int = Field(15, ge=1, le=24 * 60)
+    portal_session_hours: int = Field(8, ge=1, le=7 * 24)
     # Database connections each server process keeps (db/engine.py): a request holds one for
     # its unit of work, and one opened past these is closed again after its request.
     db_pool_size: int = Field(32, ge=1, le=500)

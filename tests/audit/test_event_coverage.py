@@ -8,7 +8,8 @@ from __future__ import annotations
 import ast
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from phivault.audit.actions import Action
 from phivault.auth.schemas import CreateStaff
 from phivault.runtime import Runtime
 from phivault.web.app import create_app
+from tests.auth.test_mfa import enrol as enrol_totp
 from tests.clinical.world import (
     API,
     BREAK_GLASS_REASON,
@@ -31,7 +33,10 @@ from tests.clinical.world import (
     upload,
 )
 from tests.clinical.world import events_of as events_by_request
+from tests.conftest import client_for
 from tests.factories import PASSWORD, TestUser, new_email, sign_in, signed_in
+from tests.portal.browser import csrf_of, post_form
+from tests.portal.browser import sign_in as portal_sign_in
 
 # Every event SPEC §8 names, and the resources whose reads and writes it names by pattern.
 SPEC_EVENTS = {
@@ -142,6 +147,32 @@ ROUTES: dict[tuple[str, str], Audited | Unaudited] = {
     ("GET", "/docs/swagger-ui-5.17.14/swagger-ui-bundle.js"): Unaudited("Swagger UI's script"),
     ("GET", "/docs/swagger-ui-5.17.14/swagger-ui.css"): Unaudited("Swagger UI's style sheet"),
     ("GET", "/openapi.json"): Unaudited("the OpenAPI document"),
+    # The privacy portal (SPEC §15): its pages call the API's services, so they write the
+    # same events as the API routes they mirror.
+    ("GET", "/portal/static/portal.css"): Unaudited("the portal's style sheet"),
+    ("GET", "/portal/sign-in"): Unaudited("the sign-in form"),
+    ("POST", "/portal/sign-in"): account(Action.LOGIN_SUCCESS),
+    ("GET", "/portal/sign-in/code"): Unaudited("the code form of a half-done sign-in"),
+    ("POST", "/portal/sign-in/code"): account(Action.LOGIN_SUCCESS),
+    ("POST", "/portal/sign-out"): account(Action.LOGOUT),
+    ("GET", "/portal"): Unaudited("the start page: links, no PHI"),
+    ("GET", "/portal/profile"): phi(Action.VIEW_PROFILE),
+    ("POST", "/portal/profile"): phi(Action.UPDATE_PROFILE),
+    ("GET", "/portal/records"): phi(Action.VIEW_MEDICAL_RECORD),
+    ("GET", "/portal/access-log"): phi(Action.VIEW_ACCESS_LOG),
+    ("GET", "/portal/care-team"): phi(Action.VIEW_CARE_TEAM),
+    ("POST", "/portal/care-team/{doctor_id}/end"): phi(Action.DELETE_CARE_RELATIONSHIP),
+    ("GET", "/portal/consents"): phi(Action.VIEW_CONSENT),
+    ("POST", "/portal/consents"): phi(Action.CONSENT_CHANGED),
+    ("GET", "/portal/export"): Unaudited("the export page: two buttons, no data"),
+    ("POST", "/portal/export"): phi(Action.DATA_EXPORT),
+    ("GET", "/portal/erase"): Unaudited("the erasure form"),
+    ("POST", "/portal/erase"): phi(Action.ACCOUNT_ERASED),
+    ("GET", "/portal/audit"): account(Action.VIEW_AUDIT_TRAIL),
+    ("GET", "/portal/audit/verify"): account(Action.VERIFY_AUDIT_CHAIN),
+    ("GET", "/portal/audit/checkpoint"): Unaudited(
+        "the signed head: no PHI; with a signing key it writes AUDIT_CHECKPOINT, as the CLI "
+        "does (tests/portal/test_portal_auditor.py); the shared test runtime has none"),
 }
 # Routes other changes are adding at the same time: classified already, tolerated while absent.
 MAY_BE_ABSENT = {("GET", "/api/v1/me/access-log"), ("GET", "/api/v1/audit"),
@@ -642,6 +673,125 @@ async def _end_care(s: Scene) -> Call:
                                      headers=s.patient.headers)
     expect(response, 204)
     return Call(response, s.pid, s.pid)
+
+
+# The portal: each step signs its user in with a browser of its own (cookies), through the
+# forms, as tests/portal does.
+
+@asynccontextmanager
+async def portal_as(s: Scene, user: TestUser) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(s.rt) as browser:
+        answer = await portal_sign_in(browser, user)
+        assert answer.status_code == 303, answer.text
+        yield browser
+
+
+async def portal_post(browser: httpx.AsyncClient, page: str, path: str,
+                      data: dict[str, str]) -> httpx.Response:
+    """Submit the form of `page` to `path` with `data` and the page's CSRF token."""
+    shown = await browser.get(page)
+    assert shown.status_code == 200, shown.text
+    return await post_form(browser, path, {**data, "csrf_token": csrf_of(shown)})
+
+
+async def _cared_for(s: Scene) -> tuple[TestUser, TestUser]:
+    """A new patient, consenting, who booked a new doctor: a care relationship to end."""
+    patient, doctor = await signed_in(s.rt, "patient"), await signed_in(s.rt, "doctor")
+    expect(await s.client.put(f"{API}/me/consents", headers=patient.headers, json={
+        "marketing": False, "data_sharing": True, "analytics": False}), 200)
+    expect(await s.client.post(f"{API}/consultations", headers=patient.headers, json={
+        "doctor_id": str(doctor.id), "scheduled_at": WHEN, "reason": "Check-up"}), 201)
+    return patient, doctor
+
+
+@step("POST", "/portal/sign-in")
+async def _portal_sign_in(s: Scene) -> Call:
+    async with client_for(s.rt) as browser:
+        return Call(await portal_sign_in(browser, s.patient), s.pid)
+
+
+@step("POST", "/portal/sign-in/code")
+async def _portal_code(s: Scene) -> Call:
+    user = await signed_in(s.rt, "patient")
+    secret = await enrol_totp(s.client, user)
+    async with client_for(s.rt) as browser:
+        answer = await portal_sign_in(browser, user, secret=secret)
+    assert answer.status_code == 303, answer.text
+    return Call(answer, user.id)
+
+
+@step("POST", "/portal/sign-out")
+async def _portal_sign_out(s: Scene) -> Call:
+    async with portal_as(s, s.patient) as browser:
+        answer = await portal_post(browser, "/portal", "/portal/sign-out", {})
+    assert answer.status_code == 303
+    return Call(answer, s.pid)
+
+
+def _portal_page(path: str, who: str, phi_of_patient: bool = True) -> Step:
+    async def run(s: Scene) -> Call:
+        user = s.patient if who == "patient" else s.auditor
+        async with portal_as(s, user) as browser:
+            answer = await browser.get(path)
+        assert answer.status_code == 200, answer.text
+        return Call(answer, user.id, s.pid if phi_of_patient else None)
+    return run
+
+
+for _path in ("/portal/profile", "/portal/records", "/portal/access-log", "/portal/care-team",
+              "/portal/consents"):
+    step("GET", _path)(_portal_page(_path, "patient"))
+step("GET", "/portal/audit")(_portal_page("/portal/audit", "auditor", False))
+step("GET", "/portal/audit/verify")(_portal_page("/portal/audit/verify", "auditor", False))
+
+
+@step("POST", "/portal/profile")
+async def _portal_rectify(s: Scene) -> Call:
+    async with portal_as(s, s.patient) as browser:
+        answer = await portal_post(browser, "/portal/profile", "/portal/profile",
+                                   {"full_name": "Pat Portal", "phone": "", "address": "",
+                                    "birth_date": ""})
+    assert answer.status_code in (200, 303), answer.text
+    return Call(answer, s.pid, s.pid)
+
+
+@step("POST", "/portal/care-team/{doctor_id}/end")
+async def _portal_end_care(s: Scene) -> Call:
+    patient, doctor = await _cared_for(s)
+    async with portal_as(s, patient) as browser:
+        answer = await portal_post(browser, "/portal/care-team",
+                                   f"/portal/care-team/{doctor.id}/end", {})
+    assert answer.status_code in (200, 303), answer.text
+    return Call(answer, patient.id, patient.id)
+
+
+@step("POST", "/portal/consents")
+async def _portal_consents(s: Scene) -> Call:
+    patient = await signed_in(s.rt, "patient")
+    async with portal_as(s, patient) as browser:
+        answer = await portal_post(browser, "/portal/consents", "/portal/consents",
+                                   {"data_sharing": "on"})
+    assert answer.status_code in (200, 303), answer.text
+    return Call(answer, patient.id, patient.id)
+
+
+@step("POST", "/portal/export")
+async def _portal_export(s: Scene) -> Call:
+    async with portal_as(s, s.patient) as browser:
+        answer = await portal_post(browser, "/portal/export", "/portal/export",
+                                   {"format": "json"})
+    assert answer.status_code == 200, answer.text
+    return Call(answer, s.pid, s.pid)
+
+
+@step("POST", "/portal/erase")
+async def _portal_erase(s: Scene) -> Call:
+    patient = await signed_in(s.rt, "patient")
+    async with portal_as(s, patient) as browser:
+        answer = await portal_post(browser, "/portal/erase", "/portal/erase",
+                                   {"password": patient.password})
+    assert answer.status_code == 200, answer.text
+    return Call(answer, patient.id, patient.id)
 
 
 def test_every_audited_route_has_a_step_and_every_step_a_route() -> None:

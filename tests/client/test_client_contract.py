@@ -45,8 +45,9 @@ CLIENT = Path(client_models.__file__).parent
 
 
 def for_browsers(path: str) -> bool:
-    """The interactive docs page and its script and assets: for a browser, not an app."""
-    return path == "/docs" or path.startswith("/docs/")
+    """The interactive docs page and its script and assets, and the privacy portal's pages:
+    for a browser, not an app."""
+    return path in ("/docs", "/portal") or path.startswith(("/docs/", "/portal/"))
 
 
 def client_routes(cls: type) -> set[tuple[str, str]]:

@@ -12,7 +12,9 @@ PUBLIC_ROUTES = {"/healthz", "/readyz", "/.well-known/jwks.json", "/.well-known/
                  "/docs", "/docs/init.js", "/docs/swagger-ui-5.17.14/swagger-ui-bundle.js",
                  "/docs/swagger-ui-5.17.14/swagger-ui.css",
                  "/api/v1/auth/register", "/api/v1/auth/login", "/api/v1/auth/refresh",
-                 "/api/v1/auth/logout", "/api/v1/auth/setup"}
+                 "/api/v1/auth/logout", "/api/v1/auth/setup",
+                 # The portal's sign-in pages and its style sheet (SPEC §15).
+                 "/portal/sign-in", "/portal/sign-in/code", "/portal/static/portal.css"}
 
 
 def test_every_route_declares_one_access_rule(runtime: Runtime) -> None:

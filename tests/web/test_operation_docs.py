@@ -77,8 +77,10 @@ def _request_models() -> list[type[RequestModel]]:
     while pending:
         model = pending.pop()
         pending += model.__subclasses__()
+        # The client's models are answers' mirrors; the portal's are HTML forms, not in the
+        # OpenAPI document (their examples would be shown nowhere).
         if model.__module__.startswith("phivault.") and \
-                not model.__module__.startswith("phivault.client"):
+                not model.__module__.startswith(("phivault.client", "phivault.portal")):
             found.append(model)  # type: ignore[arg-type]
     return found
 

@@ -74,7 +74,7 @@ class VerifyAnswer(BaseModel):
     queue_stale: int
 
 
-def _verification_gate(request: Request) -> asyncio.Lock:
+def verification_gate(request: Request) -> asyncio.Lock:
     """One verification at a time per server process: on PostgreSQL each one runs a process
     per core and a connection each, so auditors (or a stolen auditor token) asking at once
     would otherwise multiply them. A second request answers 429 at once, holding nothing."""
@@ -99,7 +99,7 @@ async def verify_chain(
     runs at a time per server process; another asked meanwhile answers 429 `rate_limited`
     with `Retry-After`.
     """
-    gate = _verification_gate(request)
+    gate = verification_gate(request)
     if gate.locked():
         raise RateLimited(10, "A verification is already running; try again when it ends.")
     async with gate:

@@ -47,6 +47,7 @@ from sqlalchemy import Text, bindparam, cast, delete, exists, select, text, upda
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from phivault.audit import timeline
 from phivault.audit.chain import canonical_fields, chain_hash, queue_mac
 from phivault.audit.models import AuditEvent, AuditHead, QueuedEvent, RejectedEvent
 from phivault.audit.timeline import Timing
@@ -93,7 +94,7 @@ _TRY_HEAD = (select(*_HEAD_COLUMNS).where(_HEAD.c.id == 1).with_for_update(skip_
 _WAIT_HEAD = select(*_HEAD_COLUMNS).where(_HEAD.c.id == 1).with_for_update()
 _MOVE_HEAD = (update(_HEAD).where(_HEAD.c.id == 1)
               .values(seq=bindparam("new_seq"), hash=bindparam("new_hash")))
-# The head's move with its timing (audit/timeline.py), where the timing covers the chain.
+# The head's move with its timing (audit/timeline.py), on SQLite; PostgreSQL's trigger folds it.
 _MOVE_TIMED_HEAD = _MOVE_HEAD.values(timed_seq=bindparam("new_seq"),
                                      latest_at=bindparam("latest_at"),
                                      lateness_us=bindparam("lateness_us"))
@@ -198,8 +199,8 @@ class Sequencer:
     async def _chain(self, connection: AsyncConnection, head: Any
                      ) -> tuple[int, list[datetime]]:
         """Chain a batch inside `connection`'s transaction, which holds the head's lock, and
-        move the head (with its timing, where that covers the chain). Returns how many queued
-        events were taken and the chained events' times."""
+        move the head with its timing (audit/timeline.py). Returns how many queued events were
+        taken and the chained events' times."""
         seq, prev = int(head.seq), bytes(head.hash)
         rows = (await connection.execute(_TAKE, {"batch": BATCH})).all()
         if not rows:
@@ -242,12 +243,14 @@ class Sequencer:
         if events:
             await connection.execute(_INSERT_EVENTS, events)
             moved = {"new_seq": seq, "new_hash": prev}
-            if head.timed_seq == head.seq:
-                timing = Timing.stored(head.latest_at, head.lateness_us).after(
-                    event["at"] for event in events)
-                await connection.execute(_MOVE_TIMED_HEAD, {**moved, **timing.columns()})
-            else:
+            if self._postgres:  # the head's trigger folds the timing (audit/timeline.py)
                 await connection.execute(_MOVE_HEAD, moved)
+            else:
+                timing = (Timing.stored(head.latest_at, head.lateness_us)
+                          if head.timed_seq == head.seq else
+                          await connection.run_sync(timeline.fold, int(head.seq)))
+                await connection.execute(_MOVE_TIMED_HEAD, {
+                    **moved, **timing.after(event["at"] for event in events).columns()})
         await connection.execute(_DELETE_TAKEN, {"ids": [row.id for row in rows]})
         return len(rows), [event["at"] for event in events]
 

@@ -75,6 +75,16 @@ async def user_cipher(session: AsyncSession, envelope: Envelope, user: User) -> 
 
 
 @dataclass(frozen=True, slots=True)
+class PasswordChecked:
+    """A login's first step passed: the account (share-locked), the lock-out's key for it, and
+    the password's new hash when its parameters are out of date."""
+
+    user: User
+    account: str
+    rehashed: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class IssuedTokens:
     access_token: str
     refresh_token: str
@@ -114,6 +124,20 @@ class Authenticator:
                     totp_code: str | None) -> IssuedTokens:
         """Check the credentials; the same answer, in about the same time, for an unknown
         email and a wrong password. Five failures lock the account out for the window."""
+        step = await self.check_password(session, email, password)
+        if step.user.totp_enabled:
+            if totp_code is None:
+                await self.second_factor_needed(session, step)
+                raise MfaRequired()
+            await self._check_totp(session, step.user, totp_code)
+        login = await self.open_session(session, step)
+        return self._issue(session, step.user, login)
+
+    async def check_password(self, session: AsyncSession, email: str,
+                             password: str) -> PasswordChecked:
+        """A login's first step: the account of `email`, active, with this password (else
+        `InvalidCredentials`, audited and counted by the lock-out), its row share-locked. The
+        lock-out's count is not yet cleared: `open_session` clears it."""
         lookup = email_lookup(self.blind_index, email)
         account = lookup.hex()
         await self.limits.begin_attempt(account)
@@ -137,22 +161,49 @@ class Authenticator:
         # read again now, before anything below decides on it.
         if not await lock_active_user(session, user.id, password_hash=stored):
             self._failed(session, user, "inactive")
-        if user.totp_enabled:
-            if totp_code is None:
-                # The password was right: this attempt is no failure.
-                await self.limits.attempt_succeeded(account)
-                audit.record(session, Action.LOGIN_FAILURE, outcome=Outcome.DENIED,
-                             actor=Actor(user.id, user.role), resource_type="user",
-                             resource_id=user.id, metadata={"reason": "mfa_required"})
-                raise MfaRequired()
-            secret = (await user_cipher(session, self.envelope, user)).open(
-                "totp_secret", user.totp_secret or b"")
-            step = mfa.matching_step(secret, totp_code, after_step=user.totp_last_step)
-            if step is None or not await _claim_totp_step(session, user.id, step):
-                self._failed(session, user, "bad_totp")
-        await self.limits.attempt_succeeded(account)
-        if rehashed is not None:
-            user.password_hash = rehashed
+        return PasswordChecked(user, account, rehashed)
+
+    async def second_factor_needed(self, session: AsyncSession,
+                                   step: PasswordChecked) -> None:
+        """The password was right and the account uses TOTP: this attempt is no failure (the
+        code's own attempt is counted in `check_second_factor`), and the trail says a code is
+        due."""
+        user = step.user
+        await self.limits.attempt_succeeded(step.account)
+        audit.record(session, Action.LOGIN_FAILURE, outcome=Outcome.DENIED,
+                     actor=Actor(user.id, user.role), resource_type="user",
+                     resource_id=user.id, metadata={"reason": "mfa_required"})
+
+    async def _check_totp(self, session: AsyncSession, user: User, code: str) -> None:
+        secret = (await user_cipher(session, self.envelope, user)).open(
+            "totp_secret", user.totp_secret or b"")
+        step = mfa.matching_step(secret, code, after_step=user.totp_last_step)
+        if step is None or not await _claim_totp_step(session, user.id, step):
+            self._failed(session, user, "bad_totp")
+
+    async def check_second_factor(self, session: AsyncSession, user_id: uuid.UUID,
+                                  account: str, code: str) -> PasswordChecked:
+        """A login's second step, for a client that keeps the first step's outcome itself
+        (the portal, server-side, for a few minutes): the account still active and using
+        TOTP, and `code` a fresh one. A wrong code counts against the lock-out of `account`
+        (`PasswordChecked.account`) like a wrong password."""
+        await self.limits.begin_attempt(account)
+        if not await lock_active_user(session, user_id):
+            raise InvalidCredentials()
+        user = await session.get(User, user_id)
+        if user is None or not user.totp_enabled:
+            raise InvalidCredentials()
+        await self._check_totp(session, user, code)
+        return PasswordChecked(user, account, None)
+
+    async def open_session(self, session: AsyncSession, step: PasswordChecked) -> AuthSession:
+        """A login's last step, once every factor is checked: clear the lock-out's count and
+        start the login session (audited `LOGIN_SUCCESS`); a role that must use TOTP and has
+        not set it up gets an enrolment session instead (`MfaEnrollmentRequired`)."""
+        user = step.user
+        await self.limits.attempt_succeeded(step.account)
+        if step.rehashed is not None:
+            user.password_hash = step.rehashed
         actor = Actor(user.id, user.role)
         if user.role in self.mfa_roles and not user.totp_enabled:
             enrollment = self._start_session(session, user, MFA_ENROLLMENT,
@@ -165,7 +216,7 @@ class Authenticator:
         login = self._start_session(session, user, LOGIN, timedelta(seconds=self.refresh_ttl))
         audit.record(session, Action.LOGIN_SUCCESS, actor=actor, resource_type="user",
                      resource_id=user.id, metadata={"session_id": str(login.id)})
-        return self._issue(session, user, login)
+        return login
 
     def _failed(self, session: AsyncSession, user: User | None, reason: str) -> NoReturn:
         """Audit the failed attempt (it stays counted by the lock-out) and refuse it."""

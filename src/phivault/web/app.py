@@ -16,6 +16,9 @@ from phivault.auth.api import auth, me, well_known
 from phivault.clinical.api import router as clinical_router
 from phivault.config import Settings, load_settings
 from phivault.observability import configure_logging
+from phivault.portal.routes import router as portal_router
+from phivault.portal.web import PREFIX as PORTAL_PREFIX
+from phivault.portal.web import error_page as portal_error_page
 from phivault.privacy.api import router as privacy_router
 from phivault.runtime import Runtime
 from phivault.web import docs, errors, health, openapi
@@ -57,7 +60,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         docs_url=None, redoc_url=None, openapi_url="/openapi.json", redirect_slashes=False,
     )
     app.state.runtime = runtime
-    errors.install(app)
+    errors.install(app, pages={PORTAL_PREFIX: portal_error_page})
     openapi.install(app)
 
     # Each router straight onto the app (not under one /api/v1 router): one level of routing
@@ -69,6 +72,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(well_known)
     app.include_router(checkpoint_router)
     app.include_router(docs.router)
+    app.include_router(portal_router)
     app.add_middleware(RequestGuardMiddleware,
                        trusted_proxies=settings.trusted_proxy_networks)
     return app

@@ -15,11 +15,12 @@ reaches the database. `/readyz` keeps its own 503, `not_ready`.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -159,7 +160,7 @@ def _field_problems(exc: RequestValidationError) -> list[dict[str, str]]:
     return problems
 
 
-def _route_of(request: Request) -> str | None:
+def route_of(request: Request) -> str | None:
     """The method and path template of the route that answered (never the concrete path,
     whose segments the client chose). Newer FastAPI keeps the route of an included router
     without its prefix, and the effective path beside it."""
@@ -169,15 +170,33 @@ def _route_of(request: Request) -> str | None:
     return f"{request.method} {path}" if isinstance(path, str) else None
 
 
-def install(app: FastAPI) -> None:
+# An HTML page for errors under a path prefix (the privacy portal's), instead of JSON.
+ErrorPage = Callable[[Request, Exception], Awaitable[Response]]
+
+
+def install(app: FastAPI, pages: Mapping[str, ErrorPage] | None = None) -> None:
+    """The app's error answers: JSON, except under a prefix of `pages`, whose function renders
+    the error as a page. Handlers at the app's level see an error only after the request's unit
+    of work has: it rolled back (or, for `keeps_work`, committed) and wrote the durable events
+    first. (A route's own handler that caught errors would come before that: the unit of work
+    would then commit work the error should have undone.)"""
+    prefixes = dict(pages or {})
+
+    def page_of(request: Request) -> ErrorPage | None:
+        path = request.url.path
+        return next((page for prefix, page in prefixes.items()
+                     if path == prefix or path.startswith(prefix + "/")), None)
+
     @app.exception_handler(errors.PhivaultError)
-    async def _domain(request: Request, exc: errors.PhivaultError) -> JSONResponse:
+    async def _domain(request: Request, exc: errors.PhivaultError) -> Response:
         status = next((s for cls, s in STATUS_OF.items() if isinstance(exc, cls)), 400)
         if status in (401, 429):
             # Missing or bad tokens and rate limits: durable events, bounded per source.
             runtime = request.app.state.runtime
             await flood.record_refusal(runtime.limits.refusals, runtime.unit_of_work, exc,
-                                       _route_of(request))
+                                       route_of(request))
+        if (page := page_of(request)) is not None:
+            return await page(request, exc)
         headers = {"Retry-After": str(exc.retry_after)} \
             if isinstance(exc, errors.RateLimited | errors.Unavailable) else None
         if isinstance(exc, errors.InvalidToken | errors.Unauthenticated):
@@ -185,17 +204,23 @@ def install(app: FastAPI) -> None:
         return error_json(status, exc.code, exc.detail, headers=headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        if (page := page_of(request)) is not None:
+            return await page(request, exc)
         if any(e.get("type") == "json_invalid" for e in exc.errors()):
             return error_json(400, "malformed_json", "The request body is not valid JSON.")
         return framework_error(422, fields=_field_problems(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if (page := page_of(request)) is not None:
+            return await page(request, exc)
         return framework_error(exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(IntegrityError)
-    async def _integrity(_: Request, __: IntegrityError) -> JSONResponse:
+    async def _integrity(request: Request, exc: IntegrityError) -> Response:
+        if (page := page_of(request)) is not None:
+            return await page(request, exc)
         return error_json(500, "integrity_failure",
                           "Stored data failed its integrity check; the event was audited.",
                           request_id=current_request().request_id)

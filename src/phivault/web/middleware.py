@@ -77,8 +77,9 @@ SECURITY_HEADERS = (
     ("cross-origin-resource-policy", "same-origin"),
     ("permissions-policy", "camera=(), microphone=(), geolocation=()"),
 )
-# Pages that are not the JSON API bring their own CSP (the docs page loads Swagger UI).
-OWN_CSP_PREFIXES = ("/docs",)
+# Pages that are not the JSON API bring their own CSP (the docs page loads Swagger UI, the
+# portal's pages load their style sheet).
+OWN_CSP_PREFIXES = ("/docs", "/portal")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -387,6 +388,8 @@ def _add_headers(message: Message, request_id: str, path: str, *, close: bool = 
         # API answers hold PHI, tokens or account data: no cache may keep them.
         headers["cache-control"] = "no-store"
         headers["pragma"] = "no-cache"
+    elif path.startswith("/portal") and "cache-control" not in headers:
+        headers["cache-control"] = "no-store"  # the portal's pages set it; its errors too
     if close:
         headers["connection"] = "close"
 

@@ -13,7 +13,7 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import NoReturn
 
 from sqlalchemy import bindparam, select, update
@@ -182,16 +182,21 @@ class Authenticator:
             self._failed(session, user, "bad_totp")
 
     async def check_second_factor(self, session: AsyncSession, user_id: uuid.UUID,
-                                  account: str, code: str) -> PasswordChecked:
+                                  account: str, code: str, *,
+                                  password_checked_at: datetime) -> PasswordChecked:
         """A login's second step, for a client that keeps the first step's outcome itself
         (the portal, server-side, for a few minutes): the account still active and using
-        TOTP, and `code` a fresh one. A wrong code counts against the lock-out of `account`
-        (`PasswordChecked.account`) like a wrong password."""
+        TOTP, its password unchanged since it was checked at `password_checked_at` (a change
+        meanwhile ends the half-done sign-in, as it ends sessions), and `code` a fresh one. A
+        wrong code counts against the lock-out of `account` (`PasswordChecked.account`) like a
+        wrong password."""
         await self.limits.begin_attempt(account)
         if not await lock_active_user(session, user_id):
             raise InvalidCredentials()
         user = await session.get(User, user_id)
-        if user is None or not user.totp_enabled:
+        if user is None or not user.totp_enabled or (
+                user.password_changed_at is not None
+                and user.password_changed_at >= password_checked_at):
             raise InvalidCredentials()
         await self._check_totp(session, user, code)
         return PasswordChecked(user, account, None)
@@ -217,6 +222,12 @@ class Authenticator:
         audit.record(session, Action.LOGIN_SUCCESS, actor=actor, resource_type="user",
                      resource_id=user.id, metadata={"session_id": str(login.id)})
         return login
+
+    def refuse(self, session: AsyncSession, step: PasswordChecked, reason: str) -> NoReturn:
+        """Refuse a sign-in whose password was right, for `reason` (the portal refuses staff
+        other than auditors): answered and audited as a wrong password, and counted by the
+        lock-out, so that the refusal tells nobody the password was right."""
+        self._failed(session, step.user, reason)
 
     def _failed(self, session: AsyncSession, user: User | None, reason: str) -> NoReturn:
         """Audit the failed attempt (it stays counted by the lock-out) and refuse it."""
@@ -418,12 +429,14 @@ class Authenticator:
         audit.record(session, Action.MFA_ENABLED, resource_type="user", resource_id=user.id)
 
     async def confirm_password(self, session: AsyncSession, user_id: uuid.UUID,
-                               password: str, *, reason: str) -> User:
+                               password: str, *, reason: str, exclusive: bool = False) -> User:
         """The caller's current password again before a sensitive act (TOTP set-up, erasure),
         under the login lock-out; a wrong one writes `ACCESS_DENIED` with `reason` and answers
         `invalid_credentials`. The hash runs with no transaction open; the act that follows
         runs in a new one, with the account locked and read again (the user, as it is now, is
-        returned)."""
+        returned). `exclusive`: locked for update, for an act that will lock it so anyway
+        (erasure): two such acts that each share-locked it first would then deadlock waiting
+        for each other to let go (an outside review got 500s from parallel erasures)."""
         async with reads_only(session):
             user = await self._user(session, user_id)
             account = await self._lockout_account(session, user)
@@ -432,7 +445,7 @@ class Authenticator:
                          resource_type="user", resource_id=user.id,
                          metadata={"reason": reason})
             raise InvalidCredentials()
-        await self._relock(session, user)
+        await self._relock(session, user, exclusive=exclusive)
         return user
 
     async def _lockout_account(self, session: AsyncSession, user: User) -> str:
@@ -461,10 +474,11 @@ class Authenticator:
         return user
 
     @staticmethod
-    async def _relock(session: AsyncSession, user: User) -> None:
+    async def _relock(session: AsyncSession, user: User, *, exclusive: bool = False) -> None:
         """After a hash run outside the transaction: the account is still active and its
         password unchanged (a concurrent change wins; this request's check is stale)."""
-        if not await lock_active_user(session, user.id, password_hash=user.password_hash):
+        if not await lock_active_user(session, user.id, password_hash=user.password_hash,
+                                      exclusive=exclusive):
             raise InvalidToken()
 
 
@@ -479,7 +493,7 @@ async def _claim_totp_step(session: AsyncSession, user_id: uuid.UUID, step: int)
 
 
 async def lock_active_user(session: AsyncSession, user_id: uuid.UUID, *,
-                           password_hash: str | None = None) -> bool:
+                           password_hash: str | None = None, exclusive: bool = False) -> bool:
     """Share-lock the user's row and answer whether the account is still active (and, given
     `password_hash`, still has that password: one checked outside the transaction).
 
@@ -491,7 +505,7 @@ async def lock_active_user(session: AsyncSession, user_id: uuid.UUID, *,
     # `populate_existing`: a `User` the caller read earlier (before a hash run outside the
     # transaction, `db/phases.py`) now shows the row as locked.
     user = (await session.execute(select(User).where(User.id == user_id)
-                                  .with_for_update(read=True)
+                                  .with_for_update(read=not exclusive)
                                   .execution_options(populate_existing=True))
             ).scalar_one_or_none()
     if user is None or user.status != "active":

@@ -32,6 +32,7 @@ from phivault.portal.web import (
     CsrfForm,
     CsrfToken,
     Patient,
+    PortalForm,
     check_csrf,
     claims_of,
     page_headers,
@@ -40,7 +41,7 @@ from phivault.portal.web import (
 )
 from phivault.privacy import consents, erasure, export, rectification
 from phivault.privacy.consents import ConsentChoice
-from phivault.schemas import Password, RequestModel
+from phivault.schemas import Password
 from phivault.web.dependencies import RuntimeDep, SessionDep
 from phivault.web.downloads import attachment_disposition
 from phivault.web.gates import gate_of
@@ -76,7 +77,7 @@ async def _doctor_names(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict
 # Forms are `RequestModel`s like the API's bodies: unknown fields, control characters and
 # oversized values are refused (a 400 page) before the route runs.
 
-class ProfileForm(RequestModel):
+class ProfileForm(PortalForm):
     """The rectification form: the fields `PATCH /me` takes, as text (a blank optional field
     removes it). The bounds are the form's; `ProfileRectification` checks the values, so that
     the form can say what is wrong with each."""
@@ -229,7 +230,7 @@ async def end_access(request: Request, doctor_id: uuid.UUID, form: Annotated[Csr
 Ticked = Annotated[bool, Field(strict=False)]
 
 
-class ConsentForm(RequestModel):
+class ConsentForm(PortalForm):
     """The consents form: a box not ticked is not sent, so each one is false unless sent."""
 
     marketing: Ticked = False
@@ -268,7 +269,7 @@ async def change_consents(request: Request, form: Annotated[ConsentForm, Form()]
 
 # The export (GDPR articles 15 and 20).
 
-class ExportForm(RequestModel):
+class ExportForm(PortalForm):
     format: Annotated[export.ExportFormat, Field(strict=False)]  # its value, as text
     csrf_token: CsrfToken = ""
 
@@ -309,7 +310,7 @@ async def download_export(request: Request, form: Annotated[ExportForm, Form()],
 
 # Erasure (GDPR article 17).
 
-class ErasureForm(RequestModel):
+class ErasureForm(PortalForm):
     password: Password  # as `DELETE /me`'s body
     csrf_token: CsrfToken = ""
 
@@ -335,7 +336,8 @@ async def erase_account(request: Request, form: Annotated[ErasureForm, Form()], 
     user_id = claims_of(visit).user_id
     try:
         await runtime.authenticator.confirm_password(session, user_id, form.password,
-                                                     reason="erasure_bad_password")
+                                                     reason="erasure_bad_password",
+                                                 exclusive=True)
     except errors.InvalidCredentials:
         # The refusal's event is written (this unit of work commits) and counted, as the API's.
         return _erase_page(request, visit, status=401,

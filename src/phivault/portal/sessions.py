@@ -124,7 +124,7 @@ async def load(session: AsyncSession, settings: Settings, cookie: str | None,
     now = utcnow()
     idle = timedelta(minutes=settings.portal_idle_minutes)
     if now >= row.expires_at or now - row.seen_at >= idle:
-        await session.execute(delete(_TABLE).where(_TABLE.c.id_digest == key))
+        await end(session, row)  # and its login session, which nothing else can use
         return None
     if touch:
         await session.execute(update(_TABLE).where(_TABLE.c.id_digest == key)
@@ -134,12 +134,16 @@ async def load(session: AsyncSession, settings: Settings, cookie: str | None,
 
 async def count_code_attempt(session: AsyncSession, row: PortalSession) -> bool:
     """Count one TOTP code tried on a pending sign-in; False (and the sign-in is ended) once
-    `MAX_CODE_ATTEMPTS` were tried."""
-    if row.code_attempts + 1 > MAX_CODE_ATTEMPTS:
+    `MAX_CODE_ATTEMPTS` were tried. One statement counts and tests, so parallel tries cannot
+    all pass a test made before any of them counted."""
+    counted = (await session.execute(
+        update(_TABLE).where(_TABLE.c.id_digest == row.id_digest,
+                             _TABLE.c.code_attempts < MAX_CODE_ATTEMPTS)
+        .values(code_attempts=_TABLE.c.code_attempts + 1).returning(_TABLE.c.code_attempts)
+    )).scalar_one_or_none()
+    if counted is None:
         await end(session, row)
         return False
-    await session.execute(update(_TABLE).where(_TABLE.c.id_digest == row.id_digest)
-                          .values(code_attempts=_TABLE.c.code_attempts + 1))
     return True
 
 

@@ -19,7 +19,7 @@ import jinja2
 from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse
-from pydantic import Field
+from pydantic import Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phivault import errors
@@ -64,8 +64,8 @@ MESSAGES: dict[type[errors.PhivaultError], str] = {
 
 class SignInNeeded(errors.PhivaultError):
     """The page needs a signed-in visitor: answered with a redirect to the sign-in page. The
-    work before it stands (`keeps_work`): an expired or revoked portal session it found is
-    deleted for good."""
+    work before it stands (`keeps_work`): a half-done sign-in ended after too many codes is
+    ended for good."""
 
     keeps_work = True
     code = "unauthenticated"
@@ -167,30 +167,44 @@ class PortalVisitor(AccessRule):
 
     async def __call__(self, request: Request, runtime: RuntimeDep,
                        session: SessionDep) -> sessions.Visit:
-        # The session's read and its idle clock's restart commit at once, in a short unit of
-        # work of their own: on SQLite a write begins by taking the database's write lock,
-        # which the request's own unit of work would otherwise hold for the whole page (an
-        # export, a verification of the chain), and a password check (erasure) must begin with
-        # nothing written (db/phases.py). This is the first use of the database in every portal
-        # route, so the request's unit of work holds no lock yet.
+        if request.method == "GET" and _embedded_by_another_site(request):
+            raise PortalRefusal("Open this page from the portal itself.", 403)
+        # The session's read, its idle clock's restart and its login session's check commit
+        # at once, in a short unit of work of their own: on SQLite a transaction takes the
+        # database's write lock, which the request's own unit of work would otherwise hold
+        # for the whole page (an export, a verification of the chain: an outside review saw
+        # every write in the service wait for one), and a password check (erasure) must begin
+        # with nothing written (db/phases.py). This is the first use of the database in every
+        # portal route, so the request's unit of work holds no lock yet.
         async with runtime.unit_of_work() as own:
             visit = await sessions.load(own, runtime.settings,
                                         request.cookies.get(sessions.COOKIE))
-        if visit is None or visit.claims is None:
+            ended = False
+            if visit is not None and visit.claims is not None:
+                try:
+                    await runtime.authenticator.check_session(own, visit.claims)
+                except errors.InvalidToken:
+                    await sessions.end(own, visit.row)
+                    ended = True
+        if visit is None or visit.claims is None or ended:
             raise SignInNeeded(request.url.path)
-        try:
-            await runtime.authenticator.check_session(session, visit.claims)
-        except errors.InvalidToken:
-            # In the request's unit of work, which commits it (`SignInNeeded.keeps_work`): a
-            # second one now would wait, on SQLite, for the write lock the first holds.
-            await sessions.end(session, visit.row)
-            raise SignInNeeded(request.url.path) from None
         set_actor(Actor(visit.claims.user_id, visit.claims.role))
         if visit.claims.role not in self.roles:
             audit.record(session, Action.ACCESS_DENIED, outcome=Outcome.DENIED,
                          metadata={"reason": "role", "role": visit.claims.role})
             raise errors.Forbidden()
         return visit
+
+
+def _embedded_by_another_site(request: Request) -> bool:
+    """A page requested by another origin's page as a resource (an image, a frame, a fetch):
+    SameSite=Strict keeps the cookie off other sites, but not off a sibling subdomain or
+    another port of this host, whose page could make an auditor's browser run the chain's
+    verification, or a patient's write read events, over and over. A click that navigates
+    here is a person's choice and passes."""
+    site = request.headers.get("sec-fetch-site")
+    return site in ("same-site", "cross-site") and \
+        request.headers.get("sec-fetch-mode") != "navigate"
 
 
 Patient = Annotated[sessions.Visit, Depends(PortalVisitor(Role.PATIENT))]
@@ -216,7 +230,21 @@ CsrfToken = Annotated[str, Field(max_length=128), SINGLE_LINE]
 NextPath = Annotated[str, Field(max_length=512), SINGLE_LINE]
 
 
-class CsrfForm(RequestModel):
+class PortalForm(RequestModel):
+    """Base of the portal's forms: `RequestModel`'s rules (unknown fields refused, bounded,
+    no control characters), and no U+FFFD: a form's bytes that are not UTF-8 arrive decoded
+    with replacement characters, which must not be stored as if typed (an outside review
+    saved a name of two of them); the API refuses such bodies outright."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_replacement_characters(cls, value: Any) -> Any:
+        if isinstance(value, str) and "\ufffd" in value:
+            raise ValueError("not valid UTF-8")
+        return value
+
+
+class CsrfForm(PortalForm):
     """A form that only confirms an action: its CSRF token."""
 
     csrf_token: CsrfToken = ""
@@ -269,14 +297,14 @@ async def home(request: Request, visit: Member) -> HTMLResponse:
 
 # Sign-in and sign-out.
 
-class SignInForm(RequestModel):
+class SignInForm(PortalForm):
     email: Email
     password: Password
     csrf_token: CsrfToken = ""
     next: NextPath = ""
 
 
-class CodeForm(RequestModel):
+class CodeForm(PortalForm):
     code: TotpCode
     csrf_token: CsrfToken = ""
     next: NextPath = ""
@@ -327,9 +355,12 @@ async def sign_in(request: Request, form: Annotated[SignInForm, Form()], runtime
         return _sign_in_page(request, status=401, email=form.email, next_path=form.next,
                              message=MESSAGES[errors.InvalidCredentials])
     if step.user.role not in PORTAL_ROLES:
-        await runtime.limits.attempt_succeeded(step.account)
-        raise PortalRefusal("The privacy portal is for patients and auditors. Staff use "
-                            "their clinic's app.", 403)
+        # As a wrong password: audited, counted, and telling nobody the password was right.
+        try:
+            runtime.authenticator.refuse(session, step, "portal_role")
+        except errors.InvalidCredentials:
+            return _sign_in_page(request, status=401, email=form.email, next_path=form.next,
+                                 message=MESSAGES[errors.InvalidCredentials])
     if step.user.totp_enabled:
         await runtime.authenticator.second_factor_needed(session, step)
         value = await sessions.start_pending(session, step)
@@ -372,7 +403,8 @@ async def code(request: Request, form: Annotated[CodeForm, Form()],
         raise SignInNeeded(PREFIX)
     try:
         step = await runtime.authenticator.check_second_factor(
-            session, row.user_id, row.account or row.user_id.hex, form.code)
+            session, row.user_id, row.account or row.user_id.hex, form.code,
+            password_checked_at=row.created_at)
     except errors.InvalidCredentials:
         return render(request, "code.html", status=401, visit=visit,
                       next=safe_next(form.next), message=MESSAGES[errors.InvalidCredentials])

@@ -53,7 +53,8 @@ async def erase_me(body: ErasureRequest, claims: Patient, runtime: RuntimeDep,
     who wrote a record or prescription keeps read access to it. The email may register again, as
     a new person. Audited as `ACCOUNT_ERASED`."""
     await runtime.authenticator.confirm_password(session, claims.user_id, body.password,
-                                                 reason="erasure_bad_password")
+                                                 reason="erasure_bad_password",
+                                                 exclusive=True)
     await erasure.erase(session, runtime.envelope, claims.user_id)
     # After the commit (which happens before this answer is sent): the SQLite log's old pages.
     return Response(status_code=204,

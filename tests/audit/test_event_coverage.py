@@ -8,8 +8,7 @@ from __future__ import annotations
 import ast
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from tests.clinical.world import (
 from tests.clinical.world import events_of as events_by_request
 from tests.conftest import client_for
 from tests.factories import PASSWORD, TestUser, new_email, sign_in, signed_in
-from tests.portal.browser import csrf_of, post_form
+from tests.portal.browser import portal_of, submit
 from tests.portal.browser import sign_in as portal_sign_in
 
 # Every event SPEC §8 names, and the resources whose reads and writes it names by pattern.
@@ -678,22 +677,6 @@ async def _end_care(s: Scene) -> Call:
 # The portal: each step signs its user in with a browser of its own (cookies), through the
 # forms, as tests/portal does.
 
-@asynccontextmanager
-async def portal_as(s: Scene, user: TestUser) -> AsyncIterator[httpx.AsyncClient]:
-    async with client_for(s.rt) as browser:
-        answer = await portal_sign_in(browser, user)
-        assert answer.status_code == 303, answer.text
-        yield browser
-
-
-async def portal_post(browser: httpx.AsyncClient, page: str, path: str,
-                      data: dict[str, str]) -> httpx.Response:
-    """Submit the form of `page` to `path` with `data` and the page's CSRF token."""
-    shown = await browser.get(page)
-    assert shown.status_code == 200, shown.text
-    return await post_form(browser, path, {**data, "csrf_token": csrf_of(shown)})
-
-
 async def _cared_for(s: Scene) -> tuple[TestUser, TestUser]:
     """A new patient, consenting, who booked a new doctor: a care relationship to end."""
     patient, doctor = await signed_in(s.rt, "patient"), await signed_in(s.rt, "doctor")
@@ -722,8 +705,8 @@ async def _portal_code(s: Scene) -> Call:
 
 @step("POST", "/portal/sign-out")
 async def _portal_sign_out(s: Scene) -> Call:
-    async with portal_as(s, s.patient) as browser:
-        answer = await portal_post(browser, "/portal", "/portal/sign-out", {})
+    async with portal_of(s.rt, s.patient) as browser:
+        answer = await submit(browser, "/portal", "/portal/sign-out", {})
     assert answer.status_code == 303
     return Call(answer, s.pid)
 
@@ -731,7 +714,7 @@ async def _portal_sign_out(s: Scene) -> Call:
 def _portal_page(path: str, who: str, phi_of_patient: bool = True) -> Step:
     async def run(s: Scene) -> Call:
         user = s.patient if who == "patient" else s.auditor
-        async with portal_as(s, user) as browser:
+        async with portal_of(s.rt, user) as browser:
             answer = await browser.get(path)
         assert answer.status_code == 200, answer.text
         return Call(answer, user.id, s.pid if phi_of_patient else None)
@@ -747,8 +730,8 @@ step("GET", "/portal/audit/verify")(_portal_page("/portal/audit/verify", "audito
 
 @step("POST", "/portal/profile")
 async def _portal_rectify(s: Scene) -> Call:
-    async with portal_as(s, s.patient) as browser:
-        answer = await portal_post(browser, "/portal/profile", "/portal/profile",
+    async with portal_of(s.rt, s.patient) as browser:
+        answer = await submit(browser, "/portal/profile", "/portal/profile",
                                    {"full_name": "Pat Portal", "phone": "", "address": "",
                                     "birth_date": ""})
     assert answer.status_code in (200, 303), answer.text
@@ -758,8 +741,8 @@ async def _portal_rectify(s: Scene) -> Call:
 @step("POST", "/portal/care-team/{doctor_id}/end")
 async def _portal_end_care(s: Scene) -> Call:
     patient, doctor = await _cared_for(s)
-    async with portal_as(s, patient) as browser:
-        answer = await portal_post(browser, "/portal/care-team",
+    async with portal_of(s.rt, patient) as browser:
+        answer = await submit(browser, "/portal/care-team",
                                    f"/portal/care-team/{doctor.id}/end", {})
     assert answer.status_code in (200, 303), answer.text
     return Call(answer, patient.id, patient.id)
@@ -768,8 +751,8 @@ async def _portal_end_care(s: Scene) -> Call:
 @step("POST", "/portal/consents")
 async def _portal_consents(s: Scene) -> Call:
     patient = await signed_in(s.rt, "patient")
-    async with portal_as(s, patient) as browser:
-        answer = await portal_post(browser, "/portal/consents", "/portal/consents",
+    async with portal_of(s.rt, patient) as browser:
+        answer = await submit(browser, "/portal/consents", "/portal/consents",
                                    {"data_sharing": "on"})
     assert answer.status_code in (200, 303), answer.text
     return Call(answer, patient.id, patient.id)
@@ -777,8 +760,8 @@ async def _portal_consents(s: Scene) -> Call:
 
 @step("POST", "/portal/export")
 async def _portal_export(s: Scene) -> Call:
-    async with portal_as(s, s.patient) as browser:
-        answer = await portal_post(browser, "/portal/export", "/portal/export",
+    async with portal_of(s.rt, s.patient) as browser:
+        answer = await submit(browser, "/portal/export", "/portal/export",
                                    {"format": "json"})
     assert answer.status_code == 200, answer.text
     return Call(answer, s.pid, s.pid)
@@ -787,8 +770,8 @@ async def _portal_export(s: Scene) -> Call:
 @step("POST", "/portal/erase")
 async def _portal_erase(s: Scene) -> Call:
     patient = await signed_in(s.rt, "patient")
-    async with portal_as(s, patient) as browser:
-        answer = await portal_post(browser, "/portal/erase", "/portal/erase",
+    async with portal_of(s.rt, patient) as browser:
+        answer = await submit(browser, "/portal/erase", "/portal/erase",
                                    {"password": patient.password})
     assert answer.status_code == 200, answer.text
     return Call(answer, patient.id, patient.id)

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from html import unescape
 
 import httpx
 import pyotp
 
+from phivault.runtime import Runtime
+from tests.conftest import client_for
 from tests.factories import TestUser
 
 ORIGIN = "https://testserver"
@@ -48,3 +52,20 @@ async def sign_in(client: httpx.AsyncClient, user: TestUser, *, secret: str | No
         # used to switch TOTP on, and a used code never works twice.
         "code": pyotp.TOTP(secret).at(time.time() + 30), "csrf_token": csrf_of(code_page),
         "next": next_path})
+
+
+@asynccontextmanager
+async def portal_of(runtime: Runtime, user: TestUser) -> AsyncIterator[httpx.AsyncClient]:
+    """A browser signed in to the portal as `user`."""
+    async with client_for(runtime) as browser:
+        answer = await sign_in(browser, user)
+        assert answer.status_code == 303, answer.text
+        yield browser
+
+
+async def submit(browser: httpx.AsyncClient, page: str, action: str,
+                 data: dict[str, str]) -> httpx.Response:
+    """Open `page` and post `data` to `action` with the page's CSRF token, as a browser."""
+    opened = await browser.get(page)
+    assert opened.status_code == 200, (page, opened.status_code)
+    return await post_form(browser, action, {**data, "csrf_token": csrf_of(opened)})

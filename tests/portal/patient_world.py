@@ -5,8 +5,6 @@ the portal as someone, and the audit events of one request."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +14,7 @@ from sqlalchemy import func, select
 from phivault.audit.models import AuditEvent
 from phivault.runtime import Runtime
 from tests.clinical.world import book, events_of, prescribe, set_consent, write_record
-from tests.conftest import client_for
 from tests.factories import TestUser, signed_in
-from tests.portal.browser import csrf_of, post_form, sign_in
 
 PATIENT_NAME = "Alex Example"
 DOCTOR_NAME = "Dr Ada Care"
@@ -62,23 +58,6 @@ def forms(world: PatientWorld) -> dict[str, dict[str, str]]:
         "/portal/export": {"format": "json"},
         "/portal/erase": {"password": world.patient.password},
     }
-
-
-@asynccontextmanager
-async def portal_of(runtime: Runtime, user: TestUser) -> AsyncIterator[httpx.AsyncClient]:
-    """A browser signed in to the portal as `user`."""
-    async with client_for(runtime) as browser:
-        answer = await sign_in(browser, user)
-        assert answer.status_code == 303, answer.text
-        yield browser
-
-
-async def submit(browser: httpx.AsyncClient, page: str, action: str,
-                 data: dict[str, str]) -> httpx.Response:
-    """Open `page` and post `data` to `action` with the page's CSRF token, as a browser."""
-    opened = await browser.get(page)
-    assert opened.status_code == 200, (page, opened.status_code)
-    return await post_form(browser, action, {**data, "csrf_token": csrf_of(opened)})
 
 
 async def events(runtime: Runtime, response: httpx.Response) -> list[AuditEvent]:

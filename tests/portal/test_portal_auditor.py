@@ -32,15 +32,13 @@ from phivault.request_context import SYSTEM
 from phivault.runtime import Runtime
 from phivault.web.app import create_app
 from tests.audit.factories import tamper
+from tests.audit.test_audit_api import scene
 from tests.clinical.world import (
     API,
     BREAK_GLASS_REASON,
-    book,
     break_glass,
     events_of,
     expect,
-    set_consent,
-    write_record,
 )
 from tests.conftest import CLIENT_IP, client_for
 from tests.factories import TestUser, make_user, signed_in
@@ -76,21 +74,6 @@ async def the_auditor(rt: Runtime, client: httpx.AsyncClient) -> TestUser:
 async def page_events(rt: Runtime, answer: httpx.Response) -> list[AuditEvent]:
     request_id = answer.headers["x-request-id"]
     return (await events_of(rt, [request_id]))[request_id]
-
-
-async def scene(rt: Runtime, client: httpx.AsyncClient) -> dict[str, Any]:
-    """A patient whose doctor writes a record and reads it twice, and a doctor refused it."""
-    patient = await signed_in(rt, "patient")
-    doctor = await signed_in(rt, "doctor")
-    stranger = await signed_in(rt, "doctor")
-    await set_consent(client, patient, True)
-    await book(client, patient, doctor)
-    record = await write_record(client, doctor, patient.id)
-    for _ in range(2):
-        expect(await client.get(f"{API}/records/{record['id']}", headers=doctor.headers), 200)
-    expect(await client.get(f"{API}/records/{record['id']}", headers=stranger.headers), 403,
-           "no_care_relationship")
-    return {"patient": patient, "doctor": doctor, "stranger": stranger, "record": record}
 
 
 # Searching.

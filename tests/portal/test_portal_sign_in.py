@@ -232,8 +232,10 @@ async def test_a_revoked_login_session_signs_the_browser_out(runtime: Runtime) -
 
 
 async def test_staff_other_than_auditors_are_refused(runtime: Runtime) -> None:
+    """As a wrong password is (tests/portal/test_portal_review.py has the audit and the
+    TOTP case): the portal tells nobody a staff password was right."""
     doctor = await make_user(runtime, "doctor")
     async with client_for(runtime) as client:
         answer = await sign_in(client, doctor)
-        assert answer.status_code == 403 and "patients and auditors" in answer.text
+        assert answer.status_code == 401 and "not right" in answer.text
         assert sessions.COOKIE not in client.cookies

@@ -25,7 +25,7 @@ from phivault.runtime import Runtime
 from tests.clinical.world import API, break_glass, expect, write_record
 from tests.conftest import client_for
 from tests.factories import make_user, signed_in
-from tests.portal.browser import csrf_of, post_form, sign_in
+from tests.portal.browser import csrf_of, portal_of, post_form, sign_in, submit
 from tests.portal.patient_world import (
     DIAGNOSIS,
     DOCTOR_NAME,
@@ -36,9 +36,7 @@ from tests.portal.patient_world import (
     events,
     forms,
     patient_world,
-    portal_of,
     shape,
-    submit,
 )
 
 _ROW = re.compile(r"<tr>(.*?)</tr>", re.S)

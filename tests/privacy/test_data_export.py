@@ -330,21 +330,26 @@ async def peak_of_export(runtime: Runtime, patient_id: uuid.UUID, fmt: ExportFor
 
 async def test_memory_does_not_grow_with_the_history(runtime: Runtime) -> None:
     """Pages of 20 records: an export of 500 records peaks within a small constant of one of
-    100 (least of three runs each: tracemalloc sees the whole process, and a run of the full
-    suite once went 17 KiB over with two), in both formats."""
+    100, in both formats. tracemalloc sees the whole process, whose other tasks allocate too
+    while an export runs (in a run of the full suite the least of three runs once came out
+    17 KiB over, never alone): so each format gets up to three attempts of three runs each,
+    and a real growth with the history, which every attempt would show, still fails."""
     doctor = await signed_in(runtime, "doctor")
     small, large = await signed_in(runtime, "patient"), await signed_in(runtime, "patient")
     await add_records(runtime, small.id, doctor.id, 100)
     await add_records(runtime, large.id, doctor.id, 500)
     for fmt in ExportFormat:
         await peak_of_export(runtime, small.id, fmt, 20)  # warm the statement caches
-        small_runs = [await peak_of_export(runtime, small.id, fmt, 20) for _ in range(3)]
-        large_runs = [await peak_of_export(runtime, large.id, fmt, 20) for _ in range(3)]
-        small_peak, large_peak = min(p for p, _ in small_runs), min(p for p, _ in large_runs)
-        grown = large_runs[0][1] - small_runs[0][1]
-        # The document grew by more than 900 KiB; the peak by less than a fixed 160 KiB.
-        assert grown > 900 * 1024
-        assert large_peak - small_peak < 160 * 1024, (fmt, small_peak, large_peak)
+        growths = []
+        for _ in range(3):
+            small_runs = [await peak_of_export(runtime, small.id, fmt, 20) for _ in range(3)]
+            large_runs = [await peak_of_export(runtime, large.id, fmt, 20) for _ in range(3)]
+            # The document grew by more than 900 KiB; the peak by less than a fixed 160 KiB.
+            assert large_runs[0][1] - small_runs[0][1] > 900 * 1024
+            growths.append(min(p for p, _ in large_runs) - min(p for p, _ in small_runs))
+            if growths[-1] < 160 * 1024:
+                break
+        assert growths[-1] < 160 * 1024, (fmt, growths)
 
 
 async def test_no_connection_is_held_while_the_client_reads(runtime: Runtime) -> None:

@@ -56,6 +56,7 @@ bench: $(VENV)/.dev-installed ## Run the benchmarks; results in bench/results/, 
 	PYTHONPATH=src $(BIN)/python bench/attachment_bench.py
 	PYTHONPATH=src $(BIN)/python bench/export_bench.py
 	PYTHONPATH=src $(BIN)/python bench/api_bench.py
+	PYTHONPATH=src $(BIN)/python bench/api_cpu_bench.py
 	PYTHONPATH=src $(BIN)/python bench/login_storm_bench.py
 	PYTHONPATH=src $(BIN)/python bench/rewrap_bench.py
 	$(BIN)/python bench/summary.py

@@ -10,9 +10,10 @@ take turns anyway, so chaining at once costs no concurrency).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -31,6 +32,7 @@ from phivault.crypto import IntegrityError
 from phivault.crypto.blind_index import BlindIndex
 from phivault.crypto.envelope import Envelope
 from phivault.crypto.keys import derive_key
+from phivault.db.direct import DirectDatabase, DirectWork
 from phivault.db.engine import COMMAND_TIMEOUT_SECONDS, create_engine, create_sessionmaker
 from phivault.errors import PhivaultError, Unavailable, database_unavailable
 from phivault.keys.service import forget_new_keys
@@ -38,6 +40,8 @@ from phivault.observability import get_logger
 from phivault.ops import metrics
 
 __all__ = ["Runtime"]
+
+T = TypeVar("T")
 
 log = get_logger("phivault.runtime")
 
@@ -62,6 +66,8 @@ class Runtime:
     reason_mac: ReasonMac
     sequencer: Sequencer
     chain_after_commit: bool
+    # The hot routes' path on PostgreSQL (`db/direct.py`); None on SQLite.
+    direct: DirectDatabase | None = None
     # Units of work failed by an outage since the last commit (logged at the first, see
     # `unit_of_work`).
     _outage_failures: int = field(default=0, init=False, repr=False)
@@ -110,6 +116,8 @@ class Runtime:
             sequencer=Sequencer(engine, settings.audit_key_bytes, queue_key,
                                 inline=chain_after_commit),
             chain_after_commit=chain_after_commit,
+            direct=DirectDatabase(engine, queue_key)
+            if engine.dialect.name == "postgresql" else None,
         )
 
     def start_background(self) -> None:
@@ -159,6 +167,10 @@ class Runtime:
             except BaseException as exc:
                 await self._roll_back(session, exc)
                 raise
+            if not session.in_transaction() and not session.info.get(audit_service.PENDING_KEY):
+                # Nothing began (the request went by the direct path, or its dependencies'
+                # session was never used): nothing to commit or close.
+                return
             try:
                 await self._commit(session)
             except BaseException as exc:
@@ -177,6 +189,46 @@ class Runtime:
                 # open on it, and the pool replaces it.
                 if not database_unavailable(failure):
                     raise
+
+    async def direct_first(self, route: str,
+                           direct: Callable[[DirectWork], Awaitable[T | None]],
+                           work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """`direct`'s answer (`try_direct`), or else `work`'s in a unit of work."""
+        answer = await self.try_direct(route, direct)
+        if answer is not None:
+            return answer
+        async with self.unit_of_work() as session:
+            return await work(session)
+
+    async def try_direct(self, route: str,
+                         work: Callable[[DirectWork], Awaitable[T | None]]) -> T | None:
+        """`work`'s answer on the direct path (`db/direct.py`), or None when there is none
+        (SQLite) or it declined or failed: then the caller does the request in a unit of work.
+
+        An outage is answered here, 503 `unavailable`, as a unit of work would: trying again
+        there would only wait for the database a second time. Any other failure is handed over
+        (a ciphertext that fails to open gets its `INTEGRITY_FAILURE` there); one that is not
+        a ciphertext's is logged, by type, since the direct path should not fail."""
+        if self.direct is None:
+            return None
+        try:
+            async with self.direct.work() as direct_work:
+                answer = await work(direct_work)
+        except Exception as exc:
+            if database_unavailable(exc):
+                self._outage_began(exc)
+                raise Unavailable() from exc
+            if not isinstance(exc, IntegrityError):
+                log.warning("direct_path_failed", route=route, error=type(exc).__name__)
+            metrics.DIRECT_PATH.labels(route, "failed").inc()
+            return None
+        if answer is None:
+            metrics.DIRECT_PATH.labels(route, "declined").inc()
+            return None
+        metrics.DIRECT_PATH.labels(route, "answered").inc()
+        self._outage_ended()
+        await self._queued()
+        return answer
 
     def _outage_began(self, exc: BaseException) -> None:
         self._outage_failures += 1

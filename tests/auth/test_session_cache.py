@@ -20,7 +20,7 @@ from phivault.auth.models import AuthSession, User
 from phivault.auth.service import revoke_sessions
 from phivault.auth.session_cache import SessionCache
 from phivault.auth.tokens import AccessClaims
-from phivault.errors import InvalidToken
+from phivault.errors import InvalidToken, Unavailable
 from phivault.runtime import Runtime
 from tests.conftest import client_for
 from tests.factories import TestUser, signed_in
@@ -28,6 +28,7 @@ from tests.helpers import REDIS_URL, require_redis
 
 ME = "/api/v1/me"
 STATE = ("login", None, None, "active", "patient")
+REVOKED = ("login", "2026-12-05", None, "active", "patient")
 
 
 
@@ -102,6 +103,122 @@ def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for _ in range(20):  # all fresh: the cache starts over rather than grow
         cache.put(cache.ticket(), uuid.uuid4(), uuid.uuid4(), STATE)
     assert len(cache._entries) <= 10
+
+
+# One question at a time per session (`SessionCache.fetch`).
+
+async def test_the_misses_of_one_session_ask_the_database_once() -> None:
+    """When an answer expires under load every request of that session misses at once: one
+    asks, the others wait for its answer (and the answer is kept)."""
+    cache = SessionCache(1.0)
+    session_id, user_id = uuid.uuid4(), uuid.uuid4()
+    asked, gate = 0, asyncio.Event()
+
+    async def load() -> Any:
+        nonlocal asked
+        asked += 1
+        await gate.wait()
+        return STATE
+
+    waiting = [asyncio.create_task(cache.fetch(session_id, user_id, load)) for _ in range(20)]
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert await asyncio.gather(*waiting) == [STATE] * 20
+    assert asked == 1 and cache.get(session_id, user_id) == STATE
+    other = await cache.fetch(uuid.uuid4(), user_id, load)  # another session asks for itself
+    assert other == STATE and asked == 2
+
+
+async def test_a_waiter_asks_again_after_an_eviction_or_a_failed_question() -> None:
+    """A revocation evicted while the question ran: the asker keeps its own answer (its
+    request began before the revocation), but a waiter asks again and sees the revocation.
+    A question that failed leaves each waiter to ask for itself."""
+    cache = SessionCache(1.0)
+    session_id, user_id = uuid.uuid4(), uuid.uuid4()
+    answers, gate = [STATE, REVOKED, REVOKED], asyncio.Event()
+
+    async def load() -> Any:
+        await gate.wait()
+        return answers.pop(0)
+
+    first = asyncio.create_task(cache.fetch(session_id, user_id, load))
+    await asyncio.sleep(0)
+    waiters = [asyncio.create_task(cache.fetch(session_id, user_id, load)) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    cache.evict([user_id])
+    gate.set()
+    assert await first == STATE
+    assert await asyncio.gather(*waiters) == [REVOKED, REVOKED]
+    assert cache.get(session_id, user_id) is None  # read across the eviction: not kept
+
+    calls = 0
+
+    async def failing() -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.01)
+            raise OSError("the database went away")
+        return STATE
+
+    first = asyncio.create_task(cache.fetch(session_id, user_id, failing))
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(cache.fetch(session_id, user_id, failing))
+    with pytest.raises(OSError):
+        await first
+    assert await waiter == STATE and calls == 2
+
+
+@pytest.mark.parametrize(("max_age", "asked_again_at"), [(0.0, 0.0), (1.0, 1.5)])
+async def test_a_shared_answer_is_only_as_good_as_a_kept_one(max_age: float,
+                                                             asked_again_at: float) -> None:
+    """A waiter takes the shared answer as it would take a kept one: younger than `max_age`
+    from before the question (here the question's unit of work was slow, and another worker,
+    with no Redis, committed a revocation meanwhile); with `max_age` 0 nothing is shared."""
+    now = [0.0]
+    cache = SessionCache(max_age, clock=lambda: now[0])
+    session_id, user_id = uuid.uuid4(), uuid.uuid4()
+    database = {"state": STATE}
+    read, release = asyncio.Event(), asyncio.Event()
+
+    async def load() -> Any:
+        state = database["state"]  # the SELECT, then a slow COMMIT
+        read.set()
+        await release.wait()
+        return state
+
+    first = asyncio.create_task(cache.fetch(session_id, user_id, load))
+    await read.wait()
+    database["state"] = REVOKED  # another worker's revocation, committed
+    now[0] = asked_again_at
+    later = asyncio.create_task(cache.fetch(session_id, user_id, load))
+    await asyncio.sleep(0)
+    release.set()
+    assert await first == STATE  # its request began before the revocation
+    assert await later == REVOKED
+
+
+async def test_a_question_lost_to_an_outage_fails_its_waiters_at_once() -> None:
+    """The database is away: the question fails after its bound (5 s to connect, 10 s for a
+    pooled connection); the requests that waited for it answer 503 with it, instead of each
+    waiting the bound again."""
+    cache = SessionCache(1.0)
+    session_id, user_id = uuid.uuid4(), uuid.uuid4()
+    bound, loop = 0.3, asyncio.get_running_loop()
+
+    async def load() -> Any:
+        await asyncio.sleep(bound)
+        raise TimeoutError("the database did not answer")
+
+    first = asyncio.create_task(cache.fetch(session_id, user_id, load))
+    await asyncio.sleep(0.01)
+    began = loop.time()
+    waiter = asyncio.create_task(cache.fetch(session_id, user_id, load))
+    with pytest.raises(TimeoutError):
+        await first
+    with pytest.raises(Unavailable):
+        await waiter
+    assert loop.time() - began < bound * 1.5
 
 
 # One process: a revocation evicts at once.

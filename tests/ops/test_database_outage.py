@@ -38,6 +38,7 @@ from phivault.db import engine as engine_module
 from phivault.db.migrate import upgrade
 from phivault.runtime import Runtime
 from phivault.web.app import create_app
+from tests.clinical.world import book, set_consent, write_record
 from tests.conftest import build_settings, client_for
 from tests.factories import PASSWORD, signed_in
 from tests.helpers import cli_env, free_port, phivault_command, wait_listening
@@ -197,12 +198,18 @@ async def test_postgres_down_answers_503_unavailable_then_recovers(
     no traceback, one log line for the outage. Started again: the very next requests succeed,
     and the chain holds."""
     rt = outage_runtime
-    user = await signed_in(rt, "patient")
+    user, doctor = await signed_in(rt, "patient"), await signed_in(rt, "doctor")
     async with client_for(rt) as client:
         assert (await client.get("/api/v1/me", headers=user.headers)).status_code == 200
+        await set_consent(client, user, True)
+        await book(client, user, doctor)
+        record = await write_record(client, doctor, user.id)  # the direct path (SPEC §14)
         await _stop(cluster)
         wrong = {"email": user.email, "password": "not the password at all"}
         requests: list[tuple[str, str, dict[str, Any]]] = [
+            ("GET", f"/api/v1/records/{record['id']}", {"headers": doctor.headers}),
+            ("POST", f"/api/v1/patients/{user.id}/records", {
+                "headers": doctor.headers, "json": {"diagnosis": "Cough", "prescriptions": []}}),
             ("GET", "/api/v1/me", {"headers": user.headers}),
             ("GET", "/api/v1/me/sessions", {"headers": user.headers}),
             ("PATCH", "/api/v1/me", {"headers": user.headers, "json": {"phone": "+3312"}}),
@@ -221,6 +228,9 @@ async def test_postgres_down_answers_503_unavailable_then_recovers(
         await _start(cluster)
         for _ in range(3):
             response = await client.get("/api/v1/me", headers=user.headers)
+            assert response.status_code == 200, response.text
+            response = await client.get(f"/api/v1/records/{record['id']}",
+                                        headers=doctor.headers)
             assert response.status_code == 200, response.text
         assert (await client.get("/readyz")).json() == {"status": "ready"}
         login = await client.post("/api/v1/auth/login",
@@ -245,16 +255,22 @@ async def test_the_first_requests_after_a_crash_succeed_on_a_pool_of_dead_connec
     pays for it (before, each drew a dead one: a 500)."""
     rt = outage_runtime
     users = [await signed_in(rt, "patient") for _ in range(6)]
+    doctor = await signed_in(rt, "doctor")
     async with client_for(rt) as client:
+        await set_consent(client, users[0], True)
+        await book(client, users[0], doctor)
+        record = f"/api/v1/records/{(await write_record(client, doctor, users[0].id))['id']}"
+
         async def everyone() -> list[int]:
-            answers = await asyncio.gather(*(client.get("/api/v1/me", headers=u.headers)
-                                             for u in users))
+            answers = await asyncio.gather(
+                *(client.get("/api/v1/me", headers=u.headers) for u in users),
+                *(client.get(record, headers=doctor.headers) for _ in users))  # direct path
             return [answer.status_code for answer in answers]
 
-        assert await everyone() == [200] * 6  # the pool now holds several connections
+        assert await everyone() == [200] * 12  # the pool now holds several connections
         await _stop(cluster, "immediate")
         await _start(cluster)
-        assert await everyone() == [200] * 6
+        assert await everyone() == [200] * 12
     await rt.sequencer.drain()
     await _chain_holds(rt)
 

@@ -4,6 +4,7 @@ profiling; argon2 and the attachment streams go to threads on purpose, inside th
 
 from __future__ import annotations
 
+import gc
 import inspect
 from typing import Any
 
@@ -51,3 +52,34 @@ def test_the_check_sees_a_plain_def() -> None:
         return None
 
     assert not _is_async(plain) and _is_async(coroutine)
+
+
+def _calls(dependant: Any) -> list[str]:
+    found = []
+    for dependency in dependant.dependencies:
+        found.append(getattr(dependency.call, "__qualname__", type(dependency.call).__qualname__))
+        found += _calls(dependency)
+    return found
+
+
+def test_the_hot_routes_solve_only_their_access_rule(runtime: Runtime) -> None:
+    """FastAPI's cost per dependency is paid on every request (it was a quarter of a record
+    read's CPU, SPEC §14): the record routes take their caller from one access rule (with the
+    bearer scheme under it, for the OpenAPI document) and their runtime from the request."""
+    routes = {(method, r.path): r for r in app_routes(create_app(runtime=runtime))
+              for method in r.methods}
+    for key in (("GET", "/api/v1/records/{record_id}"),
+                ("POST", "/api/v1/patients/{patient_id}/records")):
+        assert sorted(_calls(routes[key].dependant)) == ["Allow", "HTTPBearer"], key
+
+
+async def test_a_server_freezes_its_heap_once_started(fresh_runtime: Any) -> None:
+    """A full collection walked the whole app under load (a pause of ~100 ms for every
+    request in flight); frozen at start, it walks only what requests made since."""
+    app = create_app(runtime=await fresh_runtime())
+    gc.unfreeze()
+    try:
+        async with app.router.lifespan_context(app):
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()

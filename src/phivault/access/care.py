@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -149,44 +150,69 @@ def chart_parameters(claims: AccessClaims, care_days: int) -> dict[str, Any]:
     return {"doctor": claims.user_id, "now": now, "care_from": care_from(now, care_days)}
 
 
-_CHART_FACTS = select(*chart_facts(bindparam("patient")))
+CHART_FACTS = select(*chart_facts(bindparam("patient")))
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A chart decision's no: the error to answer, the patient its `ACCESS_DENIED` event names
+    (None where naming them would tell the caller the patient exists), and the reason."""
+
+    error: type[Exception]
+    patient_id: uuid.UUID | None
+    reason: str
+
+
+def chart_decision(claims: AccessClaims, patient_id: uuid.UUID, facts: Sequence[Any] | None, *,
+                   write: bool) -> Basis | Refusal:
+    """SPEC §7's decision on the caller's access to the patient's chart, from what is known:
+    the caller, and for a doctor the patient's `chart_facts`. Pure, so that every path to a
+    chart (the unit of work's and the direct one, `db/direct.py`) decides alike. An erased
+    patient is the `Refusal` with reason `erased`; `require_chart_access` may still open it to
+    the doctor who wrote for them (`Basis.AUTHOR`), which needs a query."""
+    if claims.role == Role.PATIENT:
+        return Basis.SELF if claims.user_id == patient_id else Refusal(
+            NotFound, None, "other_patient")
+    if claims.role != Role.DOCTOR:
+        return Refusal(Forbidden, patient_id, "role")
+    if facts is None:
+        raise ValueError("a doctor's chart decision needs the patient's chart facts")
+    status, glass, care, sharing = facts
+    if status is None:
+        return Refusal(NotFound, None, "no_such_patient")
+    if status == "deleted":
+        return Refusal(NoCareRelationship, patient_id, "erased")
+    if glass and not write:
+        return Basis.BREAK_GLASS
+    if not care:
+        return Refusal(NoCareRelationship, patient_id, "no_care_relationship")
+    if not sharing:
+        return Refusal(NoConsent, patient_id, "no_consent")
+    return Basis.CARE
 
 
 async def require_chart_access(session: AsyncSession, claims: AccessClaims,
                                patient_id: uuid.UUID, *, write: bool, resource_type: str,
                                care_days: int, authored: bool = False,
                                facts: Sequence[Any] | None = None) -> Basis:
-    """Raise unless the caller may read (or, with `write`, change) the patient's chart.
+    """Raise unless the caller may read (or, with `write`, change) the patient's chart
+    (`chart_decision`), writing `ACCESS_DENIED` for a refusal.
 
     `care_days` is how long a completed consultation keeps the care relationship
     (`PHIVAULT_CARE_RELATIONSHIP_DAYS`). With `authored`, the caller promises to read only
     what the calling doctor wrote when the answer is `Basis.AUTHOR` (an erased patient);
     without it, an erased patient is refused. `facts`: the patient's `chart_facts`, when the
     caller read them already."""
-    if claims.role == Role.PATIENT:
-        if claims.user_id == patient_id:
-            return Basis.SELF
-        raise deny(session, NotFound(), None, resource_type, "other_patient")
-    if claims.role != Role.DOCTOR:
-        raise deny(session, Forbidden(), patient_id, resource_type, "role")
-    if facts is None:
-        facts = (await session.execute(_CHART_FACTS, {
+    if facts is None and claims.role == Role.DOCTOR:
+        facts = (await session.execute(CHART_FACTS, {
             "patient": patient_id, **chart_parameters(claims, care_days)})).one()
-    status, glass, care, sharing = facts
-    if status is None:
-        raise deny(session, NotFound(), None, resource_type, "no_such_patient")
-    if status == "deleted":
-        if authored and not write and await wrote_for(session, claims.user_id, patient_id):
-            return Basis.AUTHOR
-        raise deny(session, NoCareRelationship(), patient_id, resource_type, "erased")
-    if glass and not write:
-        return Basis.BREAK_GLASS
-    if not care:
-        raise deny(session, NoCareRelationship(), patient_id, resource_type,
-                   "no_care_relationship")
-    if not sharing:
-        raise deny(session, NoConsent(), patient_id, resource_type, "no_consent")
-    return Basis.CARE
+    decision = chart_decision(claims, patient_id, facts, write=write)
+    if isinstance(decision, Basis):
+        return decision
+    if (decision.reason == "erased" and authored and not write
+            and await wrote_for(session, claims.user_id, patient_id)):
+        return Basis.AUTHOR
+    raise deny(session, decision.error(), decision.patient_id, resource_type, decision.reason)
 
 
 async def wrote_for(session: AsyncSession, doctor_id: uuid.UUID, patient_id: uuid.UUID) -> bool:

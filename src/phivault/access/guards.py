@@ -21,14 +21,16 @@ from phivault.auth.tokens import AccessClaims
 from phivault.errors import Forbidden, InvalidToken, Unauthenticated
 from phivault.ops.addresses import is_loopback
 from phivault.request_context import Actor, current_request, set_actor
-from phivault.web.dependencies import RuntimeDep, SessionDep
+from phivault.web.dependencies import RuntimeDep, runtime_of
 
 _bearer = HTTPBearer(auto_error=False, description="An access token from POST /auth/login.")
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-async def _verified(runtime: RuntimeDep, session: SessionDep,
-                    credentials: HTTPAuthorizationCredentials | None,
-                    allow_enrollment: bool) -> AccessClaims:
+async def verified_claims(request: Request, credentials: HTTPAuthorizationCredentials | None,
+                          *, allow_enrollment: bool = False) -> AccessClaims:
+    """The caller's verified access-token claims, or 401."""
+    runtime = runtime_of(request)
     if credentials is None:
         raise Unauthenticated()
     if credentials.scheme.lower() != "bearer" or len(credentials.credentials) > 4096:
@@ -36,30 +38,11 @@ async def _verified(runtime: RuntimeDep, session: SessionDep,
     claims = runtime.access_tokens.verify(credentials.credentials)
     # Checked on every request, not at expiry: a revoked session, a disabled or erased user,
     # or a changed role refuses the token at once, on every worker (the database is shared).
-    await runtime.authenticator.check_session(session, claims,
-                                              allow_enrollment=allow_enrollment)
+    # A miss asks in a unit of work of its own, before the route's work begins.
+    await runtime.authenticator.check_session_in(runtime.unit_of_work, claims,
+                                                 allow_enrollment=allow_enrollment)
     set_actor(Actor(claims.user_id, claims.role))
     return claims
-
-
-async def authenticate(
-    runtime: RuntimeDep, session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> AccessClaims:
-    """The caller's verified access-token claims, or 401."""
-    return await _verified(runtime, session, credentials, allow_enrollment=False)
-
-
-async def authenticate_enrolling(
-    runtime: RuntimeDep, session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> AccessClaims:
-    """As `authenticate`, also accepting the enrolment token of a user who must set up TOTP."""
-    return await _verified(runtime, session, credentials, allow_enrollment=True)
-
-
-Principal = Annotated[AccessClaims, Depends(authenticate)]
-EnrollingPrincipal = Annotated[AccessClaims, Depends(authenticate_enrolling)]
 
 
 class AccessRule:
@@ -107,17 +90,25 @@ class LoopbackOrToken(AccessRule):
 
 
 class Allow(AccessRule):
-    """Only a caller with one of `roles` may call the route; others get 403 `forbidden`."""
+    """Only a caller with one of `roles` may call the route; others get 403 `forbidden`.
+
+    One dependency (and the bearer scheme's, for the OpenAPI document): FastAPI's cost per
+    dependency is paid on every request, and the route's own unit of work is the route's
+    business; a refusal's `ACCESS_DENIED` is written in a unit of work of its own."""
+
+    enrolling = False  # accepts the enrolment token of a user who must set up TOTP
 
     def __init__(self, *roles: Role) -> None:
         if not roles:
             raise ValueError("Allow() needs at least one role; use Public() for public routes")
         self.roles = frozenset(roles)
 
-    async def __call__(self, claims: Principal, session: SessionDep) -> AccessClaims:
+    async def __call__(self, request: Request, credentials: Bearer) -> AccessClaims:
+        claims = await verified_claims(request, credentials, allow_enrollment=self.enrolling)
         if claims.role not in self.roles:
-            audit.record(session, Action.ACCESS_DENIED, outcome=Outcome.DENIED,
-                         metadata={"reason": "role", "role": claims.role})
+            async with runtime_of(request).unit_of_work() as session:
+                audit.record(session, Action.ACCESS_DENIED, outcome=Outcome.DENIED,
+                             metadata={"reason": "role", "role": claims.role})
             raise Forbidden()
         return claims
 
@@ -145,9 +136,7 @@ def app_routes(app: FastAPI) -> list[RouteEntry]:
 class AllowEnrolling(Allow):
     """`Allow`, for the TOTP set-up routes: an enrolment token is enough."""
 
-    async def __call__(self, claims: EnrollingPrincipal,
-                       session: SessionDep) -> AccessClaims:
-        return await Allow.__call__(self, claims, session)
+    enrolling = True
 
 
 ANY_ROLE = (Role.PATIENT, Role.DOCTOR, Role.ADMIN, Role.AUDITOR)
@@ -168,6 +157,5 @@ def declared_rules(dependant: object) -> list[AccessRule]:
     return found
 
 
-__all__ = ["ANY_ROLE", "AccessRule", "Allow", "AllowEnrolling", "LoopbackOrToken", "Principal",
-           "Public",
-           "RouteEntry", "app_routes", "authenticate", "declared_rules"]
+__all__ = ["ANY_ROLE", "AccessRule", "Allow", "AllowEnrolling", "LoopbackOrToken", "Public",
+           "RouteEntry", "app_routes", "declared_rules", "verified_claims"]

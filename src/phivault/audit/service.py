@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -71,6 +71,14 @@ METADATA_KEYS = frozenset({
 })
 
 
+class HoldsEvents(Protocol):
+    """Where recorded events wait to be written: a unit of work's session, or the work of the
+    direct path (`db/direct.py`)."""
+
+    @property
+    def info(self) -> dict[Any, Any]: ...
+
+
 class AuditMetadataError(ValueError):
     """Metadata that could carry PHI or secrets was offered to the audit trail."""
 
@@ -104,7 +112,7 @@ def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def record(
-    session: AsyncSession,
+    session: HoldsEvents,
     action: Action,
     *,
     actor: Actor | None = None,
@@ -132,7 +140,7 @@ def record(
     ))
 
 
-def take_pending(session: AsyncSession, *, durable_only: bool = False) -> list[PendingEvent]:
+def take_pending(session: HoldsEvents, *, durable_only: bool = False) -> list[PendingEvent]:
     """Remove and return the events queued in `session`."""
     pending: list[PendingEvent] = session.info.pop(PENDING_KEY, [])
     return [e for e in pending if e.durable] if durable_only else pending

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]  # no stubs; one call each way
+import asyncpg
 import orjson
 
 from phivault.audit.chain import GENESIS_HASH, canonical_fields

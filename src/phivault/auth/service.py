@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NoReturn
@@ -25,7 +27,7 @@ from phivault.auth import mfa
 from phivault.auth.models import AuthSession, RefreshToken, User
 from phivault.auth.passwords import Passwords, password_problem
 from phivault.auth.ratelimits import AuthLimits
-from phivault.auth.session_cache import SessionCache, session_cache_of
+from phivault.auth.session_cache import SessionCache, SessionState, session_cache_of
 from phivault.auth.tokens import AccessClaims, AccessTokens
 from phivault.crypto.blind_index import BlindIndex, normalise_email
 from phivault.crypto.envelope import Envelope
@@ -327,17 +329,37 @@ class Authenticator:
         or has another role now, or whose scope does not fit the route.
 
         The database's answer is kept for at most a second (`session_cache.py`), which a
-        revocation here or on any other worker evicts."""
+        revocation here or on any other worker evicts. A miss asks in `session`, alone (it
+        may hold SQLite's write lock, which another request's question could need)."""
+        await self._check_session(lambda: self._session_state(session, claims), claims,
+                                  allow_enrollment, alone=True)
+
+    async def check_session_in(self, work: Callable[[], AbstractAsyncContextManager[AsyncSession]],
+                               claims: AccessClaims, *, allow_enrollment: bool = False) -> None:
+        """`check_session`, where a miss asks in a unit of work of its own (`work`): a route's
+        access rule, which runs before the route's own work begins (and a route answered by
+        the direct path has none)."""
+        async def load() -> SessionState | None:
+            async with work() as session:
+                return await self._session_state(session, claims)
+
+        await self._check_session(load, claims, allow_enrollment, alone=False)
+
+    @staticmethod
+    async def _session_state(session: AsyncSession, claims: AccessClaims) -> SessionState | None:
+        row = (await session.execute(_SESSION_STATE, {
+            "session_id": claims.session_id, "user_id": claims.user_id})).one_or_none()
+        return None if row is None else tuple(row)
+
+    async def _check_session(self, load: Callable[[], Awaitable[SessionState | None]],
+                             claims: AccessClaims, allow_enrollment: bool, *,
+                             alone: bool) -> None:
         cache = self.session_cache
         state = cache.get(claims.session_id, claims.user_id)
         if state is None:
-            ticket = cache.ticket()
-            row = (await session.execute(_SESSION_STATE, {
-                "session_id": claims.session_id, "user_id": claims.user_id})).one_or_none()
-            if row is None:
+            state = await cache.fetch(claims.session_id, claims.user_id, load, alone=alone)
+            if state is None:
                 raise InvalidToken()
-            state = tuple(row)
-            cache.put(ticket, claims.session_id, claims.user_id, state)
         kind, revoked_at, expires_at, status, role = state
         scope_ok = (claims.scope is None and kind == LOGIN) or (
             allow_enrollment and claims.scope == MFA_ENROLLMENT and kind == MFA_ENROLLMENT)

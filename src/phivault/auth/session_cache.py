@@ -25,13 +25,14 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from phivault.errors import Unavailable, database_unavailable
 from phivault.observability import get_logger
 from phivault.ops.redis_client import redis_client
 
@@ -52,6 +53,7 @@ log = get_logger("phivault.auth.session_cache")
 # An answer of the session check: (kind, revoked_at, expires_at, user status, user role).
 SessionState = tuple[Any, ...]
 Ticket = tuple[float, int]
+_NO_ANSWER = object()  # a load that failed: its waiters ask for themselves
 
 
 class SessionCache:
@@ -64,6 +66,9 @@ class SessionCache:
         self._entries: dict[tuple[uuid.UUID, uuid.UUID], tuple[float, SessionState]] = {}
         # Counts evictions: an answer read across one is not kept.
         self._evictions = 0
+        # The loads running now (`fetch`), with the moment each began and its answer.
+        self._flights: dict[tuple[uuid.UUID, uuid.UUID],
+                            asyncio.Future[tuple[Ticket, object]]] = {}
         self._redis_url = redis_url
         self.channel = f"{prefix}:revocations"
         self._publisher: aioredis.Redis | None = None
@@ -83,6 +88,55 @@ class SessionCache:
             del self._entries[(session_id, user_id)]
             return None
         return entry[1]
+
+    async def fetch(self, session_id: uuid.UUID, user_id: uuid.UUID,
+                    load: Callable[[], Awaitable[SessionState | None]], *,
+                    alone: bool = False) -> SessionState | None:
+        """The database's answer for this session and user (`load`), kept for `max_age`.
+
+        One load per session at a time: the requests that miss while it runs wait for its
+        answer instead of asking too (when an answer expires under load, every request of
+        that session misses at once: 32 clients made 32 queries, each holding a second pooled
+        connection, and stalled the worker for 150 ms every second). A waiter takes the shared
+        answer only as it would take a kept one: younger than `max_age` counted from before
+        the question, and no eviction since (with `max_age` 0 nothing is shared). A load that
+        failed because the database is away fails its waiters too (503 `unavailable`), rather
+        than have each wait for the database again; after any other failure each asks itself.
+
+        `alone`: a question asked on a session that may already hold SQLite's write lock (a
+        caller's own unit of work) neither waits for nor leads a flight, since its leader could
+        need that lock."""
+        key = (session_id, user_id)
+        if alone or self.max_age <= 0:
+            ticket = self.ticket()
+            state = await load()
+            if state is not None:
+                self.put(ticket, session_id, user_id, state)
+            return state
+        flight = self._flights.get(key)
+        if flight is not None:
+            began, shared = await asyncio.shield(flight)
+            if isinstance(shared, BaseException):
+                raise Unavailable() from shared
+            if (shared is not _NO_ANSWER and began[1] == self._evictions
+                    and self.clock() - began[0] < self.max_age):
+                return shared  # type: ignore[return-value]
+            return await load()
+        ticket = self.ticket()
+        flight = self._flights[key] = asyncio.get_running_loop().create_future()
+        answer: object = _NO_ANSWER
+        try:
+            answer = state = await load()
+            if state is not None:
+                self.put(ticket, session_id, user_id, state)
+            return state
+        except Exception as exc:
+            if isinstance(exc, Unavailable) or database_unavailable(exc):
+                answer = exc
+            raise
+        finally:
+            del self._flights[key]
+            flight.set_result((ticket, answer))
 
     def ticket(self) -> Ticket:
         """Taken just before asking the database; `put` needs it."""

@@ -39,7 +39,7 @@ from phivault.clinical.schemas import (
     RecordView,
 )
 from phivault.ops.mail import outbox_for
-from phivault.web.dependencies import RuntimeDep, SessionDep
+from phivault.web.dependencies import RuntimeDep, SessionDep, runtime_of
 from phivault.web.downloads import attachment_disposition
 from phivault.web.errors import responses
 from phivault.web.gates import gate_of
@@ -54,6 +54,107 @@ Anyone = Annotated[AccessClaims, Depends(Allow(*ANY_ROLE))]
 CHART = responses(401, 403, 404, 422)
 """Chart routes answer 403 `forbidden` (role), `no_care_relationship` or `no_consent`, and 404
 `not_found` for a patient or resource the caller may not know of."""
+
+
+# Records. The chart routes come first: a request is matched against the routes in order,
+# and these are the ones a clinic calls most.
+
+@router.post("/patients/{patient_id}/records", status_code=201, responses=CHART,
+             summary="Write a medical record")
+async def create_record(patient_id: uuid.UUID, body: RecordCreate, claims: Doctor,
+                        request: Request) -> RecordView:
+    """Doctors only, with a care relationship with the patient (403 `no_care_relationship`)
+    and the patient's consent to share (403 `no_consent`); break-glass does not allow writing.
+    `{diagnosis, prescriptions, notes?}` becomes version 1. An unknown or erased patient is
+    404 `not_found`. Audited as `CREATE_MEDICAL_RECORD`."""
+    runtime = runtime_of(request)  # a hot route: by the direct path on PostgreSQL
+    care_days = runtime.settings.care_relationship_days
+    return await runtime.direct_first(
+        "create_record",
+        lambda work: records.create_record_direct(work, runtime.envelope, claims, patient_id,
+                                                  body, care_days=care_days),
+        lambda session: records.create_record(session, runtime.envelope, claims, patient_id,
+                                              body, care_days=care_days))
+
+
+@router.get("/patients/{patient_id}/records", responses=CHART,
+            summary="A patient's records (latest versions)")
+async def list_records(patient_id: uuid.UUID, claims: Party, runtime: RuntimeDep,
+                       session: SessionDep, page: PageDep,
+                       response: Response) -> list[RecordView]:
+    """The patient themselves, or a doctor with a care relationship and the patient's consent
+    (or a break-glass grant): the latest version of each record, newest first, paged (the
+    total in `X-Total-Count`). Another patient's chart is 404 `not_found` for a patient; a
+    doctor without access gets 403 `no_care_relationship` or `no_consent`. Audited as
+    `VIEW_MEDICAL_RECORD`."""
+    views, total = await records.list_records(
+        session, runtime.envelope, claims, patient_id, page.limit, page.offset,
+        care_days=runtime.settings.care_relationship_days)
+    page.answer(response, total)
+    return views
+
+
+@router.get("/records/{record_id}", responses=CHART, summary="A record (latest version)")
+async def read_record(record_id: uuid.UUID, claims: Party, request: Request) -> RecordView:
+    """The record's patient, or a doctor with access to that patient's chart (as for the
+    list), or the doctor who wrote it: its latest version. A record the caller may not know
+    of is 404 `not_found`. Audited as `VIEW_MEDICAL_RECORD`."""
+    runtime = runtime_of(request)  # a hot route: by the direct path on PostgreSQL
+    care_days = runtime.settings.care_relationship_days
+    return await runtime.direct_first(
+        "read_record",
+        lambda work: records.read_record_direct(work, runtime.envelope, claims, record_id,
+                                                care_days=care_days),
+        lambda session: records.read_record(session, runtime.envelope, claims, record_id,
+                                            care_days=care_days))
+
+
+@router.patch("/records/{record_id}", responses=CHART, summary="Amend a record (new version)")
+async def amend_record(record_id: uuid.UUID, body: RecordAmend, claims: Doctor,
+                       runtime: RuntimeDep, session: SessionDep) -> RecordView:
+    """Doctors only, with write access to the patient's chart (as for writing a record).
+    Adds a version; fields not sent carry over. No version is ever overwritten or deleted.
+    Audited as `UPDATE_MEDICAL_RECORD`."""
+    return await records.amend(session, runtime.envelope, claims, record_id, body,
+                               care_days=runtime.settings.care_relationship_days)
+
+
+@router.get("/records/{record_id}/versions", responses=CHART, summary="Every version")
+async def record_versions(record_id: uuid.UUID, claims: Party, runtime: RuntimeDep,
+                          session: SessionDep) -> list[RecordView]:
+    """The record's patient, or a doctor with access to the chart (as for reading the
+    record): every version of the record, oldest first (the history of its amendments).
+    Audited as `VIEW_MEDICAL_RECORD`."""
+    return await records.versions(session, runtime.envelope, claims, record_id,
+                                  care_days=runtime.settings.care_relationship_days)
+
+
+# Prescriptions.
+
+@router.post("/patients/{patient_id}/prescriptions", status_code=201, responses=CHART,
+             summary="Prescribe")
+async def prescribe(patient_id: uuid.UUID, body: PrescriptionCreate, claims: Doctor,
+                    runtime: RuntimeDep, session: SessionDep) -> PrescriptionView:
+    """Doctors only, with write access to the patient's chart (a care relationship and the
+    patient's consent: 403 `no_care_relationship` or `no_consent` otherwise).
+    `{medication, dosage, instructions}`. Audited as `CREATE_PRESCRIPTION`."""
+    return await records.prescribe(session, runtime.envelope, claims, patient_id, body,
+                                   care_days=runtime.settings.care_relationship_days)
+
+
+@router.get("/patients/{patient_id}/prescriptions", responses=CHART,
+            summary="A patient's prescriptions")
+async def list_prescriptions(patient_id: uuid.UUID, claims: Party, runtime: RuntimeDep,
+                             session: SessionDep, page: PageDep,
+                             response: Response) -> list[PrescriptionView]:
+    """The patient themselves, or a doctor with access to the chart (as for records): the
+    patient's prescriptions, newest first, paged (the total in `X-Total-Count`). Audited as
+    `VIEW_PRESCRIPTION`."""
+    views, total = await records.list_prescriptions(
+        session, runtime.envelope, claims, patient_id, page.limit, page.offset,
+        care_days=runtime.settings.care_relationship_days)
+    page.answer(response, total)
+    return views
 
 
 # Consultations.
@@ -209,95 +310,6 @@ async def my_patients(claims: Doctor, runtime: RuntimeDep, session: SessionDep, 
         care_days=runtime.settings.care_relationship_days)
     page.answer(response, total)
     return items
-
-
-# Records.
-
-@router.post("/patients/{patient_id}/records", status_code=201, responses=CHART,
-             summary="Write a medical record")
-async def create_record(patient_id: uuid.UUID, body: RecordCreate, claims: Doctor,
-                        runtime: RuntimeDep, session: SessionDep) -> RecordView:
-    """Doctors only, with a care relationship with the patient (403 `no_care_relationship`)
-    and the patient's consent to share (403 `no_consent`); break-glass does not allow writing.
-    `{diagnosis, prescriptions, notes?}` becomes version 1. An unknown or erased patient is
-    404 `not_found`. Audited as `CREATE_MEDICAL_RECORD`."""
-    return await records.create_record(session, runtime.envelope, claims, patient_id, body,
-                                       care_days=runtime.settings.care_relationship_days)
-
-
-@router.get("/patients/{patient_id}/records", responses=CHART,
-            summary="A patient's records (latest versions)")
-async def list_records(patient_id: uuid.UUID, claims: Party, runtime: RuntimeDep,
-                       session: SessionDep, page: PageDep,
-                       response: Response) -> list[RecordView]:
-    """The patient themselves, or a doctor with a care relationship and the patient's consent
-    (or a break-glass grant): the latest version of each record, newest first, paged (the
-    total in `X-Total-Count`). Another patient's chart is 404 `not_found` for a patient; a
-    doctor without access gets 403 `no_care_relationship` or `no_consent`. Audited as
-    `VIEW_MEDICAL_RECORD`."""
-    views, total = await records.list_records(
-        session, runtime.envelope, claims, patient_id, page.limit, page.offset,
-        care_days=runtime.settings.care_relationship_days)
-    page.answer(response, total)
-    return views
-
-
-@router.get("/records/{record_id}", responses=CHART, summary="A record (latest version)")
-async def read_record(record_id: uuid.UUID, claims: Party, runtime: RuntimeDep,
-                      session: SessionDep) -> RecordView:
-    """The record's patient, or a doctor with access to that patient's chart (as for the
-    list), or the doctor who wrote it: its latest version. A record the caller may not know
-    of is 404 `not_found`. Audited as `VIEW_MEDICAL_RECORD`."""
-    return await records.read_record(session, runtime.envelope, claims, record_id,
-                                     care_days=runtime.settings.care_relationship_days)
-
-
-@router.patch("/records/{record_id}", responses=CHART, summary="Amend a record (new version)")
-async def amend_record(record_id: uuid.UUID, body: RecordAmend, claims: Doctor,
-                       runtime: RuntimeDep, session: SessionDep) -> RecordView:
-    """Doctors only, with write access to the patient's chart (as for writing a record).
-    Adds a version; fields not sent carry over. No version is ever overwritten or deleted.
-    Audited as `UPDATE_MEDICAL_RECORD`."""
-    return await records.amend(session, runtime.envelope, claims, record_id, body,
-                               care_days=runtime.settings.care_relationship_days)
-
-
-@router.get("/records/{record_id}/versions", responses=CHART, summary="Every version")
-async def record_versions(record_id: uuid.UUID, claims: Party, runtime: RuntimeDep,
-                          session: SessionDep) -> list[RecordView]:
-    """The record's patient, or a doctor with access to the chart (as for reading the
-    record): every version of the record, oldest first (the history of its amendments).
-    Audited as `VIEW_MEDICAL_RECORD`."""
-    return await records.versions(session, runtime.envelope, claims, record_id,
-                                  care_days=runtime.settings.care_relationship_days)
-
-
-# Prescriptions.
-
-@router.post("/patients/{patient_id}/prescriptions", status_code=201, responses=CHART,
-             summary="Prescribe")
-async def prescribe(patient_id: uuid.UUID, body: PrescriptionCreate, claims: Doctor,
-                    runtime: RuntimeDep, session: SessionDep) -> PrescriptionView:
-    """Doctors only, with write access to the patient's chart (a care relationship and the
-    patient's consent: 403 `no_care_relationship` or `no_consent` otherwise).
-    `{medication, dosage, instructions}`. Audited as `CREATE_PRESCRIPTION`."""
-    return await records.prescribe(session, runtime.envelope, claims, patient_id, body,
-                                   care_days=runtime.settings.care_relationship_days)
-
-
-@router.get("/patients/{patient_id}/prescriptions", responses=CHART,
-            summary="A patient's prescriptions")
-async def list_prescriptions(patient_id: uuid.UUID, claims: Party, runtime: RuntimeDep,
-                             session: SessionDep, page: PageDep,
-                             response: Response) -> list[PrescriptionView]:
-    """The patient themselves, or a doctor with access to the chart (as for records): the
-    patient's prescriptions, newest first, paged (the total in `X-Total-Count`). Audited as
-    `VIEW_PRESCRIPTION`."""
-    views, total = await records.list_prescriptions(
-        session, runtime.envelope, claims, patient_id, page.limit, page.offset,
-        care_days=runtime.settings.care_relationship_days)
-    page.answer(response, total)
-    return views
 
 
 # Attachments.

@@ -17,7 +17,10 @@ Metrics:
   `inactive`, `bad_totp`), `phivault_lockouts_total`, `phivault_integrity_failures_total`;
 - `phivault_audit_queue_depth` (read at scrape time) and `phivault_audit_merge_delay_seconds`
   (from an event's time to its chaining);
-- `phivault_db_connections{state}`: the database pools' connections checked out and kept.
+- `phivault_db_connections{state}`: the database pools' connections checked out and kept;
+- `phivault_direct_path_total{route,outcome}`: requests the direct path (`db/direct.py`)
+  `answered`, `declined` (handed to the unit of work: a refusal, an erased patient, a row that
+  is not there, a ciphertext that fails) or handed over after it `failed`.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ QUEUE_DEPTH = Gauge("phivault_audit_queue_depth", "Audit events committed, not y
 MERGE_DELAY = Histogram("phivault_audit_merge_delay_seconds",
                         "From an audit event's time to its chaining.",
                         buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 30, 300))
+DIRECT_PATH = Counter("phivault_direct_path", "Requests the direct path answered, declined "
+                      "or handed over after a failure, by route.", ["route", "outcome"])
 DB_CONNECTIONS = Gauge("phivault_db_connections", "Database connections, by state.",
                        ["state"], multiprocess_mode="livesum")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -45,6 +46,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Every server process runs a sequencer; whichever holds the lock chains (SPEC §8).
         runtime.start_background()
+        # The heap is now mostly the app itself (routes, models, mappers, compiled statements),
+        # which lives as long as the process: frozen, a full collection no longer walks it. A
+        # worker under load paused ~100 ms for each one, every request in flight with it.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
@@ -65,8 +71,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     # Each router straight onto the app (not under one /api/v1 router): one level of routing
     # less on every request.
-    for router in (auth, me, privacy_router, admin_api.users, admin_api.doctors,
-                   clinical_router, audit_router, access_log_router):
+    for router in (clinical_router, auth, me, privacy_router, admin_api.users,
+                   admin_api.doctors, audit_router, access_log_router):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(health.router)
     app.include_router(well_known)

@@ -13,13 +13,17 @@ from phivault.runtime import Runtime
 
 # Dependencies are `async def`: FastAPI runs a plain `def` dependency in a worker thread, a
 # thread hop on every request for what is an attribute lookup (a test keeps it so).
-async def get_runtime(request: Request) -> Runtime:
+def runtime_of(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
+async def get_runtime(request: Request) -> Runtime:
+    return runtime_of(request)
+
+
 async def _unit_of_work(request: Request) -> AsyncIterator[AsyncSession]:
-    async with (await get_runtime(request)).unit_of_work() as session:
+    async with runtime_of(request).unit_of_work() as session:
         yield session
 
 

@@ -32,7 +32,7 @@ from itertools import accumulate
 from typing import Any
 
 import structlog
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -377,21 +377,33 @@ def _limited_receive(receive: Receive, limit: int, state: dict[str, Any]) -> Rec
     return wrapped
 
 
+_SECURITY_RAW = [(name.encode(), value.encode()) for name, value in SECURITY_HEADERS]
+_CSP = (b"content-security-policy", API_CSP.encode())
+_NO_STORE = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
+_ALWAYS_OURS = frozenset(name for name, _ in _SECURITY_RAW) | {b"x-request-id"}
+
+
 def _add_headers(message: Message, request_id: str, path: str, *, close: bool = False) -> None:
-    headers = MutableHeaders(scope=message)
-    for name, value in SECURITY_HEADERS:
-        headers[name] = value
-    if "content-security-policy" not in headers or not path.startswith(OWN_CSP_PREFIXES):
-        headers["content-security-policy"] = API_CSP
-    headers["x-request-id"] = request_id
+    """Our headers on a response's start: they replace any the app set, except a page's own
+    CSP (`OWN_CSP_PREFIXES`) and the portal's own cache-control. Built as one list (every
+    response passes here: setting each header on `MutableHeaders` scanned the list each time)."""
+    raw: list[tuple[bytes, bytes]] = list(message.get("headers", ()))
+    names = {name.lower() for name, _ in raw}
+    ours = set(_ALWAYS_OURS)
+    added = [*_SECURITY_RAW, (b"x-request-id", request_id.encode())]
+    if b"content-security-policy" not in names or not path.startswith(OWN_CSP_PREFIXES):
+        ours.add(_CSP[0])
+        added.append(_CSP)
     if path.startswith("/api/"):
         # API answers hold PHI, tokens or account data: no cache may keep them.
-        headers["cache-control"] = "no-store"
-        headers["pragma"] = "no-cache"
-    elif path.startswith("/portal") and "cache-control" not in headers:
-        headers["cache-control"] = "no-store"  # the portal's pages set it; its errors too
+        ours.update(name for name, _ in _NO_STORE)
+        added += _NO_STORE
+    elif path.startswith("/portal") and b"cache-control" not in names:
+        added.append(_NO_STORE[0])  # the portal's pages set it; its errors too
     if close:
-        headers["connection"] = "close"
+        ours.add(b"connection")
+        added.append((b"connection", b"close"))
+    message["headers"] = [header for header in raw if header[0].lower() not in ours] + added
 
 
 def _refusal(status: int, request_id: str) -> JSONResponse:

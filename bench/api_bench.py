@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -237,9 +238,9 @@ PROFILE_PARTS = {
     "SQLAlchemy (AsyncSession.execute, greenlets)": ("greenlet_spawn", "Session.execute"),
     "asyncpg (statements)": ("PreparedStatement.", "asyncpg/connection.py"),
     "audit sequencer (Sequencer.run_forever)": ("Sequencer.run_forever",),
-    "socket writes (TLS and PostgreSQL)": ("_SelectorSocketTransport.write",),
-    "TLS (sslproto)": ("SSLProtocol.",),
-    "HTTP/1.1 parsing (h11)": ("h11/",),
+    "HTTP/1.1 parsing and the protocol (httptools, web/protocol.py)": (
+        "HttpToolsProtocol.data_received", "GuardedHttpProtocol.data_received"),
+    "ASGI response writes (RequestResponseCycle.send)": ("RequestResponseCycle.send",),
     "unit of work commit (runtime._commit)": ("Runtime._commit",),
     "response (Response.__call__)": ("Response.__call__",),
 }
@@ -260,14 +261,20 @@ def profile(base: str, ids: dict[str, str], seconds: int) -> dict[str, Any]:
         wrk(f"{base}/api/v1/records/{ids['record']}", seconds, ids["token"])
         runs[-1].wait(timeout=60)
     total, shares = 0, dict.fromkeys(PROFILE_PARTS, 0)
+    leaves: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
         stack, count = line.rsplit(" ", 1)
         total += int(count)
+        leaves[stack.rsplit(";", 1)[-1]] += int(count)
         for part, frames in PROFILE_PARTS.items():
             if any(frame in stack for frame in frames):
                 shares[part] += int(count)
     return {"samples": total, "flame_graph": f"bench/results/{svg.name}",
-            "inclusive_share": {part: round(n / max(total, 1), 3) for part, n in shares.items()}}
+            "inclusive_share": {part: round(n / max(total, 1), 3) for part, n in shares.items()},
+            # The Python functions the samples were in (uvloop's and httptools' C code is
+            # counted in the Python function that called it).
+            "top_self_share": {leaf: round(n / max(total, 1), 3)
+                               for leaf, n in leaves.most_common(15)}}
 
 
 def measure(values: dict[str, Any], workers: int, seconds: int,

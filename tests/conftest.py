@@ -285,6 +285,29 @@ def captured_logs() -> Iterator[io.StringIO]:
     configure_logging("warning", io.StringIO())
 
 
+APP_LOG = pytest.StashKey[io.StringIO]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """The app's warnings and errors during a test are kept (before the fixtures start, so that
+    `captured_logs` still takes them over) ..."""
+    item.stash[APP_LOG] = io.StringIO()
+    configure_logging("warning", item.stash[APP_LOG])
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """... and go into its report: a failure shows the server's side of a 500, even on a run of
+    the whole suite under xdist."""
+    try:
+        return (yield)
+    finally:
+        if lines := item.stash[APP_LOG].getvalue():
+            item.add_report_section("call", "phivault log", lines[-20_000:])
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "postgres" in item.nodeid and "[" in item.nodeid:

@@ -407,12 +407,13 @@ async def test_a_newline_stored_for_a_backslash_n_is_found(
     assert await _verify(rt) == (False, 3, 2)
 
 
-async def _peak(rt: Runtime) -> int:
-    """The least of three peaks: tracemalloc sees the whole process, and a task of the shared
-    event loop that allocates during one measurement (a pool's connection, a fixture's
-    clean-up) must not be taken for the verifier's own memory."""
+async def _peak(rt: Runtime, *, tries: int = 3, enough: float = 0) -> int:
+    """The least of up to `tries` peaks (the first at or under `enough` ends it): tracemalloc
+    sees the whole process, and a task of the shared event loop that allocates during one
+    measurement (a pool's connection, a fixture's clean-up) must not be taken for the
+    verifier's own memory."""
     peaks = []
-    for _ in range(3):
+    for _ in range(tries):
         gc.collect()
         tracemalloc.start()
         try:
@@ -421,6 +422,8 @@ async def _peak(rt: Runtime) -> int:
             peaks.append(tracemalloc.get_traced_memory()[1])
         finally:
             tracemalloc.stop()
+        if peaks[-1] <= enough:
+            break
     return min(peaks)
 
 
@@ -429,13 +432,15 @@ async def test_memory_stays_flat_as_the_chain_grows(fresh_runtime: Callable[...,
     through (COPY chunks on PostgreSQL, batches of rows on SQLite), nothing is kept per
     event. On PostgreSQL the peak is what arrives in one read once the socket's buffer is full
     (asyncpg pauses reading while a chunk is checked): measured 6.5 MB at 4,000 events, 12 MB
-    at 8,000, then 18.5 MB flat at 16,000, 40,000 and 80,000, hence the sizes here."""
+    at 8,000, then 18.5 MB flat at 16,000, 40,000 and 80,000, hence the sizes here. The large
+    chain is verified again only while its peak is over the bound."""
     rt = await fresh_runtime()
     await write_chain(rt, 16_000)
     small = await _peak(rt)
+    bound = small * 1.5 + 256 * 1024
     await write_chain(rt, 48_000)
-    large = await _peak(rt)
-    assert large < small * 1.5 + 256 * 1024, (small, large)
+    large = await _peak(rt, enough=bound)
+    assert large < bound, (small, large)
 
 
 async def test_the_rendering_is_postgresqls(backend: Any) -> None:

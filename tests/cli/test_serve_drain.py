@@ -24,7 +24,7 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from phivault.crypto.tls import write_self_signed_certificate
-from phivault.web.protocol import DeadlineH11Protocol
+from phivault.web.protocol import GuardedHttpProtocol
 from phivault.web.server import PhivaultServer
 from tests.helpers import client_context, free_port
 
@@ -48,7 +48,7 @@ async def _large(scope: dict[str, Any], receive: Any, send: Any) -> None:
 def _start(app: Any, **options: Any) -> tuple[PhivaultServer, threading.Thread, int]:
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
-                            http=DeadlineH11Protocol, ws="none", log_config=None, **options)
+                            http=GuardedHttpProtocol, ws="none", log_config=None, **options)
     server = PhivaultServer(config, tls_handshake_timeout=5)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -153,9 +153,9 @@ def test_an_idle_connection_closes_once_the_client_has_every_byte() -> None:
             with contextlib.suppress(BlockingIOError):
                 while True:  # the client reads nothing: the kernel fills up
                     accepted.send(b"x" * 65536)
-            config = uvicorn.Config(_never_ending, http=DeadlineH11Protocol, lifespan="off",
+            config = uvicorn.Config(_never_ending, http=GuardedHttpProtocol, lifespan="off",
                                     log_config=None)
-            protocol = DeadlineH11Protocol(config=config, server_state=ServerState(),
+            protocol = GuardedHttpProtocol(config=config, server_state=ServerState(),
                                            app_state={}, _loop=loop)
             transport = _Transport(accepted)
             protocol.connection_made(transport)  # type: ignore[arg-type]

@@ -64,13 +64,13 @@ def _calls(dependant: Any) -> list[str]:
 
 def test_the_hot_routes_solve_only_their_access_rule(runtime: Runtime) -> None:
     """FastAPI's cost per dependency is paid on every request (it was a quarter of a record
-    read's CPU, SPEC §14): the record routes take their caller from one access rule (with the
-    bearer scheme under it, for the OpenAPI document) and their runtime from the request."""
+    read's CPU, SPEC §14): the record routes take their caller from one access rule (which is
+    the bearer scheme too, for the OpenAPI document) and their runtime from the request."""
     routes = {(method, r.path): r for r in app_routes(create_app(runtime=runtime))
               for method in r.methods}
     for key in (("GET", "/api/v1/records/{record_id}"),
                 ("POST", "/api/v1/patients/{patient_id}/records")):
-        assert sorted(_calls(routes[key].dependant)) == ["Allow", "HTTPBearer"], key
+        assert _calls(routes[key].dependant) == ["Allow"], key
 
 
 async def test_a_server_freezes_its_heap_once_started(fresh_runtime: Any) -> None:

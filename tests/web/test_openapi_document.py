@@ -25,10 +25,10 @@ from phivault.web.errors import error_codes
 ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
 # Text that often holds what the rules are about: controls and line breaks. (Lone surrogates,
 # which the checks also refuse, cannot be written in a JSON Schema pattern: no Unicode regex
-# has them.)
+# has them; `st.characters()` draws them unless told not to, and found one in a CI run.)
 TEXT = st.text(st.one_of(st.characters(max_codepoint=0xA0),
                          st.characters(min_codepoint=0x2020, max_codepoint=0x2030),
-                         st.characters()), max_size=12)
+                         st.characters(exclude_categories=["Cs"])), max_size=12)
 
 
 @pytest.fixture

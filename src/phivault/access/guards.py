@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import FastAPI, Request
+from fastapi.security import HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from phivault.access.permissions import Role
 from phivault.audit import service as audit
@@ -23,19 +24,24 @@ from phivault.ops.addresses import is_loopback
 from phivault.request_context import Actor, current_request, set_actor
 from phivault.web.dependencies import RuntimeDep, runtime_of
 
-_bearer = HTTPBearer(auto_error=False, description="An access token from POST /auth/login.")
-Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+BEARER_DESCRIPTION = "An access token from POST /auth/login."
 
 
-async def verified_claims(request: Request, credentials: HTTPAuthorizationCredentials | None,
+def bearer_token(request: Request) -> str | None:
+    """The token of `Authorization: Bearer <token>`, as FastAPI's `HTTPBearer` reads it."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+    return token if scheme.lower() == "bearer" and token else None
+
+
+async def verified_claims(request: Request, token: str | None,
                           *, allow_enrollment: bool = False) -> AccessClaims:
     """The caller's verified access-token claims, or 401."""
     runtime = runtime_of(request)
-    if credentials is None:
+    if token is None:
         raise Unauthenticated()
-    if credentials.scheme.lower() != "bearer" or len(credentials.credentials) > 4096:
+    if len(token) > 4096:
         raise InvalidToken()
-    claims = runtime.access_tokens.verify(credentials.credentials)
+    claims = runtime.access_tokens.verify(token)
     # Checked on every request, not at expiry: a revoked session, a disabled or erased user,
     # or a changed role refuses the token at once, on every worker (the database is shared).
     # A miss asks in a unit of work of its own, before the route's work begins.
@@ -89,22 +95,26 @@ class LoopbackOrToken(AccessRule):
         raise Forbidden()
 
 
-class Allow(AccessRule):
+class Allow(AccessRule, HTTPBearer):
     """Only a caller with one of `roles` may call the route; others get 403 `forbidden`.
 
-    One dependency (and the bearer scheme's, for the OpenAPI document): FastAPI's cost per
-    dependency is paid on every request, and the route's own unit of work is the route's
-    business; a refusal's `ACCESS_DENIED` is written in a unit of work of its own."""
+    One dependency, which is also the bearer scheme (`HTTPBearer`, so that the OpenAPI
+    document names it on the route): FastAPI's cost per dependency is paid on every request,
+    and the route's own unit of work is the route's business; a refusal's `ACCESS_DENIED` is
+    written in a unit of work of its own."""
 
     enrolling = False  # accepts the enrolment token of a user who must set up TOTP
 
     def __init__(self, *roles: Role) -> None:
         if not roles:
             raise ValueError("Allow() needs at least one role; use Public() for public routes")
+        HTTPBearer.__init__(self, scheme_name="HTTPBearer", description=BEARER_DESCRIPTION,
+                            auto_error=False)
         self.roles = frozenset(roles)
 
-    async def __call__(self, request: Request, credentials: Bearer) -> AccessClaims:
-        claims = await verified_claims(request, credentials, allow_enrollment=self.enrolling)
+    async def __call__(self, request: Request) -> AccessClaims:  # type: ignore[override]
+        claims = await verified_claims(request, bearer_token(request),
+                                       allow_enrollment=self.enrolling)
         if claims.role not in self.roles:
             async with runtime_of(request).unit_of_work() as session:
                 audit.record(session, Action.ACCESS_DENIED, outcome=Outcome.DENIED,

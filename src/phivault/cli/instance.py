@@ -30,7 +30,7 @@ from phivault.db import migrate as migrations
 from phivault.observability import configure_logging
 from phivault.ops.addresses import is_loopback
 from phivault.runtime import Runtime
-from phivault.web.protocol import DeadlineH11Protocol
+from phivault.web.protocol import GuardedHttpProtocol
 from phivault.web.server import DRAIN_TIMEOUT, PhivaultServer
 from phivault.web.supervisor import Supervisor, WorkerOptions
 
@@ -180,7 +180,7 @@ def serve(
     config = uvicorn.Config(
         "phivault.web.app:app_from_environment", factory=True, host=host, port=port,
         workers=workers, proxy_headers=False, server_header=False, date_header=True,
-        access_log=False, log_config=None, timeout_keep_alive=5, http=DeadlineH11Protocol,
+        access_log=False, log_config=None, timeout_keep_alive=5, http=GuardedHttpProtocol,
         ws="none", timeout_graceful_shutdown=DRAIN_TIMEOUT, limit_concurrency=2048,
         backlog=2048, h11_max_incomplete_event_size=16 * 1024, **options,
     )

@@ -246,11 +246,18 @@ async def read_record(session: AsyncSession, envelope: Envelope, claims: AccessC
 
 async def read_record_direct(work: DirectWork, envelope: Envelope, claims: AccessClaims,
                              record_id: uuid.UUID, *, care_days: int) -> RecordView | None:
-    """`read_record`: one statement for the record, its key and the chart facts, one for the
-    audit event, in one transaction (SPEC §8: an event is written in the same transaction as
-    the action it records; for a read, the BEGIN and COMMIT cost 12 % of the worker's CPU)."""
-    async with work.connection.transaction():
-        return await _read_record_direct(work, envelope, claims, record_id, care_days=care_days)
+    """`read_record`: one statement for the record, its key and the chart facts; the record
+    opened; one statement for the audit event, committed before the record is returned.
+
+    The two statements are not wrapped in BEGIN and COMMIT: at PostgreSQL's READ COMMITTED
+    each statement of a transaction takes its own snapshot and a SELECT takes no lock, so the
+    wrapper would change nothing anyone can observe, and its two round trips cost the worker
+    8 % of a read and PostgreSQL a third of its work (bench/results/api.json). What SPEC §8's
+    one transaction is for holds: the SELECT reads only ciphertext, the PHI is accessed when it
+    is opened and returned, and it is returned only once its event has committed; an event
+    that cannot be written fails the request (`Runtime.try_direct`'s unit of work then does
+    the whole read again, with its event in its transaction)."""
+    return await _read_record_direct(work, envelope, claims, record_id, care_days=care_days)
 
 
 async def _read_record_direct(work: DirectWork, envelope: Envelope, claims: AccessClaims,

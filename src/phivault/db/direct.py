@@ -15,9 +15,11 @@ The direct path is an optimisation, never a second authority. A route tries it f
 refusal, an erased patient, a missing row, a ciphertext that fails, a database error) it
 answers None before it has written anything, and the route's unit of work does the whole
 request again: so every refusal's `ACCESS_DENIED`, every `INTEGRITY_FAILURE` and every 503 keeps
-the one implementation the rest of the API has. As SPEC §8 asks, an event is written in the
-same transaction as the action it records: a read and its event in one transaction, a write and
-its event in one statement of data-modifying CTEs (`insert_cte`), atomic by itself.
+the one implementation the rest of the API has. As SPEC §8 asks, no PHI is accessed without its
+event and an event that cannot be written fails the action: a write and its event are one
+statement of data-modifying CTEs (`insert_cte`), atomic by itself; a read's event commits before
+the record it opened is returned (`clinical/records.py`, `read_record_direct`, says why a
+BEGIN and COMMIT around a read's two statements would change nothing).
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ So such work has phases:
                                        # it relies on (`lock_active_user`, access checks again)
 
 `reads_only` ends whatever transaction the session has (the authentication check's read, say),
-runs the block in a read-only transaction (a deferred BEGIN on SQLite, so no write lock;
-`READ ONLY` on PostgreSQL, so a write there is refused by the database), and ends it. A
+runs the block in a read-only transaction that sees one snapshot (a deferred BEGIN on SQLite, so
+no write lock; `REPEATABLE READ READ ONLY` on PostgreSQL, so a write there is refused by the
+database), and ends it. A
 transaction that has already written cannot be ended this way: committing half of a unit of work
 would break its all-or-nothing promise, so that is a `RuntimeError` (a programming error, caught by
 the tests). Audit events recorded so far stay pending in the session and commit with the rest of
@@ -41,6 +42,13 @@ from phivault.db.engine import READ_ONLY
 
 # Execution options of a read-only phase: a deferred BEGIN on SQLite, READ ONLY on PostgreSQL.
 READ_ONLY_OPTIONS: dict[str, Any] = {READ_ONLY: True, "postgresql_readonly": True}
+# And one snapshot for the whole phase on PostgreSQL (SQLite's read transaction is one already).
+# At READ COMMITTED each statement sees what committed before it: a password check read the
+# account (its email still sealed), an erasure committed, and the check's next statement found
+# the email's data key destroyed: a false `INTEGRITY_FAILURE` and a 500 (a test of parallel
+# erasures, once in a run of the suite). A read-only REPEATABLE READ transaction takes its
+# snapshot at its first statement and never fails to serialise.
+_SNAPSHOT_OPTIONS: dict[str, Any] = {**READ_ONLY_OPTIONS, "isolation_level": "REPEATABLE READ"}
 _WROTE = "phivault_transaction_wrote"
 
 
@@ -81,7 +89,9 @@ async def reads_only(session: AsyncSession) -> AsyncIterator[None]:
 
     On an exception the transaction is left as it is, for the unit of work to roll back."""
     await end_transaction(session)
-    await session.connection(execution_options=READ_ONLY_OPTIONS)
+    postgres = session.get_bind().dialect.name == "postgresql"
+    await session.connection(
+        execution_options=_SNAPSHOT_OPTIONS if postgres else READ_ONLY_OPTIONS)
     yield
     if has_written(session):
         raise RuntimeError("a read-only phase wrote (or added objects to the session)")

@@ -20,11 +20,15 @@ A request that breaks HTTP/1.1's framing, whose URL or header section is longer 
 `h11_max_incomplete_event_size` (the setting's name is uvicorn's), which has more than
 `MAX_HEADERS` header fields, which is not HTTP/1.0 or 1.1, whose target is not a path (the
 absolute form `GET http://other.host/`, which only a proxy takes), or which has no Host (or two),
-is refused here, before any application code, as the rest of the API refuses: a JSON
-`{"error", "detail"}` with the security headers and a request id, 414 when the request line
-alone is too long, 431 for the header section, 400 for anything else; then the connection
-closes. A request pipelined behind one still being answered is refused after that answer.
-uvicorn's own answer is a `text/plain` 400 without any of that.
+which asks to upgrade the connection, which sends trailer fields after a chunked body (httptools
+would add them to the headers the application reads), whose chunked framing (chunk sizes,
+extensions, trailers) passes `max_head` plus a chunk-size line per chunk, or which arrives while
+`MAX_PIPELINED` requests already wait behind the one being answered, is refused here, before any
+application code, as the rest of the API refuses: a JSON `{"error", "detail"}` with the security
+headers and a request id, 414 when the request line alone is too long, 431 for the header
+section, 400 for anything else; then the connection closes. A request pipelined behind others
+still being answered is refused after their answers. uvicorn's own answer is a `text/plain` 400
+without any of that.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import struct
 import sys
 from typing import TYPE_CHECKING, Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from phivault.observability import get_logger
 from phivault.request_context import new_request_id
@@ -67,6 +71,12 @@ _QUIET_STEPS = 2
 
 # Header fields a request may carry (Apache's LimitRequestFields); browsers send about twenty.
 MAX_HEADERS = 100
+# Requests a connection may have waiting behind the one being answered (browsers pipeline none;
+# a client that sends on without reading its answers would otherwise queue without end).
+MAX_PIPELINED = 16
+# A chunked body's framing allowed per chunk (a chunk-size line and the CRLF after the data),
+# besides `max_head` for extensions and the end.
+FRAMING_PER_CHUNK = 32
 # The longest URL, and the largest header section, unless uvicorn's config sets another
 # (`h11_max_incomplete_event_size`; `phivault serve` sets 16 KiB).
 MAX_HEAD = 16 * 1024
@@ -77,13 +87,14 @@ log = get_logger("phivault.access")
 
 
 class _Refused(Exception):
-    """Raised from a parser callback: the request head broke one of our limits."""
+    """Raised from a parser callback: the request broke one of the rules here."""
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol on httptools (llhttp, which refuses request smuggling's
     ambiguities and control characters in header values), with the deadline on request headers,
-    the limits on the head, JSON refusals and the drain of the module docstring."""
+    the limits on the head and the body's framing, JSON refusals and the drain of the module
+    docstring."""
 
     _header_deadline: asyncio.TimerHandle | None = None
     _received = 0
@@ -91,15 +102,23 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     _received_at_drain = 0
     _quiet_steps = 0
     _cut = False
+    _draining = False
     _socket: TransportSocket | None = None
-    # The head being parsed: bytes received for it, its header fields and their size, and the
-    # status a refusal calls for.
+    # The request whose application task was started last (uvicorn's `cycle` is the request
+    # parsed last, which may wait in the pipeline behind it).
+    _running: RequestResponseCycle | None = None
+    # The head being parsed: bytes received for it, its header fields and their size.
     _awaiting_head = True
     _head_bytes = 0
     _header_count = 0
     _header_bytes = 0
     _url_done = False
     _messages = 0
+    # The body being received: its bytes, its chunks and the bytes that framed them.
+    _body_bytes = 0
+    _chunks = 0
+    _framing_bytes = 0
+    # A refusal waiting for the answers to the requests received before it, and its status.
     _refusal_pending = False
     refusal_status = 400
 
@@ -130,26 +149,42 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.close()
 
+    def _busy(self) -> bool:
+        return self._running is not None and not self._running.response_complete
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
+
     def data_received(self, data: bytes) -> None:
         self._received += len(data)
-        before = self._messages
+        messages, body, in_body = self._messages, self._body_bytes, not self._awaiting_head
         super().data_received(data)
-        if not self._awaiting_head or self.transport.is_closing():
+        if self.transport.is_closing():
             return
-        if self._messages != before:
+        if self._messages != messages:
             self._head_bytes = 0  # a message ended in this read; what follows is not counted
-            return
-        self._head_bytes += len(data)
-        self._url_done = self._url_done or b"\n" in data  # the request line has ended
-        if self._head_bytes > self.max_head_bytes:
-            self.refusal_status = 431 if self._url_done else 414
-            self.send_400_response("request head too large")
+        elif self._awaiting_head:
+            self._head_bytes += len(data)
+            self._url_done = self._url_done or b"\n" in data  # the request line has ended
+            if self._head_bytes > self.max_head_bytes:
+                self.refusal_status = 431 if self._url_done else 414
+                self.send_400_response("request head too large")
+        elif in_body:
+            # Chunk sizes, their extensions and trailers, which httptools reads (and a trailer
+            # field buffers) however long they are: `max_head` in all, and a chunk-size line
+            # for each chunk.
+            self._framing_bytes += len(data) - (self._body_bytes - body)
+            if self._framing_bytes > self.max_head + FRAMING_PER_CHUNK * self._chunks:
+                self.refusal_status = 400
+                self.send_400_response("body framing too large")
 
     # Parser callbacks.
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_count = self._header_bytes = 0
+        self._body_bytes = self._chunks = self._framing_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         if len(self.url) + len(url) > self.max_head:
@@ -158,6 +193,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._awaiting_head:
+            # A trailer field (after a chunked body): httptools would add it to the request's
+            # headers, where the application would take it for one the client sent up front
+            # (an `Authorization` that no proxy saw). No route needs trailers.
+            raise _Refused
         self._url_done = True
         self._header_count += 1
         self._header_bytes += len(name) + len(value) + 4
@@ -177,6 +217,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         hosts = sum(1 for name, _ in self.headers if name == b"host")
         if version not in ("1.0", "1.1") or hosts > 1 or (hosts == 0 and version == "1.1"):
             raise _Refused  # HTTP/0.9 or 2 in HTTP/1's syntax; RFC 9112 section 3.2's one Host
+        if self.parser.should_upgrade():
+            # `Connection: upgrade`: llhttp would take what follows the head for the new
+            # protocol's bytes, and a body for the next request. No route upgrades.
+            raise _Refused
+        if len(self.pipeline) >= MAX_PIPELINED:
+            raise _Refused  # a client that pipelines without reading its answers
         try:
             super().on_headers_complete()
         except UnicodeDecodeError:
@@ -184,6 +230,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # Its headers are complete: the request's own deadlines take over (web/middleware.py).
         self._awaiting_head = False
         self._disarm()
+
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -193,11 +246,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._url_done = False
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._refusal_pending and not self.transport.is_closing():
-            if self.cycle.response_complete:  # the last request received whole is answered
-                self._refuse(None)
-        elif not self.transport.is_closing():
+        if self._draining:
+            self.pipeline.clear()  # no request waiting in the pipeline starts during a drain
+        super().on_response_complete()  # starts the next request of the pipeline, if any
+        if self.transport.is_closing() or self._busy():
+            return
+        if self._draining:
+            self.transport.close()
+        elif self._refusal_pending:
+            self._refuse(None)  # every request received before the bad one is answered
+        else:
             self._arm()  # the next request on this connection gets its own deadline
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -208,14 +266,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """Refuse a request the parser could not take (see the module docstring); `msg` is
         uvicorn's fixed text, and the parser's own message is not repeated."""
         cycle = self.cycle
-        if cycle is not None and not cycle.response_complete and not cycle.more_body:
-            # A request received whole is still being answered, and what broke is a request
-            # pipelined after it: the refusal follows its answer (`on_response_complete`).
+        if self._busy() and cycle is not None and not cycle.more_body:
+            # Requests received whole are still being answered, and what broke came after
+            # them: the refusal follows their answers (`on_response_complete`).
             self._refusal_pending = True
             return
         self._refuse(cycle)
 
-    def _refuse(self, cycle: Any) -> None:
+    def _refuse(self, cycle: RequestResponseCycle | None) -> None:
         status = self.refusal_status
         code, detail = REFUSALS[status]
         request_id = new_request_id()
@@ -241,11 +299,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     # Draining.
 
     def shutdown(self) -> None:
-        # uvicorn closes an idle connection here even when it is closing already, and asyncio's
-        # TLS transport, closed twice, lets go of its connection, which then can no longer be
-        # aborted and lingers until the TLS shutdown times out (30 s).
-        if not self.transport.is_closing():
-            super().shutdown()
+        """The drain begins: requests waiting in the pipeline are dropped, the one running
+        ends the connection when it is answered, an idle connection closes now."""
+        self._draining = True
+        self.pipeline.clear()
+        self._refusal_pending = False
+        # (A transport closed twice lets go of its TLS connection, which then can no longer be
+        # aborted and lingers until the TLS shutdown times out.)
+        if self.transport.is_closing():
+            return
+        if self._busy():
+            self._running.keep_alive = False  # type: ignore[union-attr]
+        else:
+            self.transport.close()
 
     def drain(self, now: float) -> None:
         """One step of a graceful shutdown, `now` on the loop's clock.
@@ -261,7 +327,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._drain_started is None:
             self._drain_started = now
             self._received_at_drain = self._received
-        if self.cycle is not None and not self.cycle.response_complete:
+        if self._busy():
             self._quiet_steps = 0
             if self._upload_trickles(now - self._drain_started):
                 self.cut()
@@ -283,7 +349,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.abort()
 
     def _upload_trickles(self, draining_for: float) -> bool:
-        if not self.cycle.more_body or self.flow.read_paused:
+        running = self._running
+        if running is None or not running.more_body or self.flow.read_paused:
             return False  # the body is in, or the application is the one that is slow
         paced = DRAIN_BODY_MIN_RATE * (draining_for - DRAIN_BODY_GRACE)
         return self._received - self._received_at_drain < paced

@@ -34,28 +34,33 @@ log = get_logger("phivault.server")
 DRAIN_TIMEOUT = 30
 # The exit status of a stop forced by a second Ctrl-C (128 + SIGINT, as shells report it).
 INTERRUPTED = 130
+# How long a closing TLS connection waits for the client's close_notify (a refused request's
+# connection held a concurrency slot for the default 30 s).
+TLS_SHUTDOWN_TIMEOUT = 5.0
 _DRAIN_STEP = 0.1
 
 
 class _BoundedHandshakeLoop(uvloop.Loop):
     """uvloop's event loop (libuv; its TLS and sockets cost a request a tenth less CPU than
     asyncio's), whose TLS servers give a client `tls_handshake_timeout` seconds to finish its
-    handshake: asyncio's default is 60 s, uvicorn passes none, and a connection still in its
-    handshake is not counted by `limit_concurrency`.
+    handshake and `TLS_SHUTDOWN_TIMEOUT` seconds to answer the server's close_notify: the
+    defaults are 60 s and 30 s, uvicorn passes neither, and a connection in either is not
+    counted by `limit_concurrency`.
 
-    Every worker waits on the one listening socket; libuv would accept every waiting connection
-    at each wake-up, so the first worker to wake takes a whole burst (a load balancer's pool,
-    wrk's 32) and serves it while the others idle. `UV_TCP_SINGLE_ACCEPT` makes it yield after
-    each accept, so that the workers share a burst."""
+    Every worker waits on the one listening socket. asyncio's loop accepted every waiting
+    connection at each wake-up, so the first worker to wake took a whole burst (a load
+    balancer's pool, wrk's 32) and served it while the others idled; libuv accepts one
+    connection per wake-up (libuv 1.52, in uvloop 0.23: bursts of 64 connections split 34/30,
+    30/34 and 26/38 between two workers), and the workers share a burst."""
 
     def __init__(self, tls_handshake_timeout: float) -> None:
-        os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")  # read by libuv at its first listen
         super().__init__()
         self.tls_handshake_timeout = tls_handshake_timeout
 
     async def create_server(self, *args: Any, **kwargs: Any) -> Any:  # uvloop's Server
         if kwargs.get("ssl") is not None:
             kwargs.setdefault("ssl_handshake_timeout", self.tls_handshake_timeout)
+            kwargs.setdefault("ssl_shutdown_timeout", TLS_SHUTDOWN_TIMEOUT)
         return await super().create_server(*args, **kwargs)
 
 

@@ -392,6 +392,11 @@ def main() -> None:
     if ratios:
         document["scale_out_get_record_2_over_1"] = ratios[middle]
         document["meets_scale_out"] = ratios[middle] >= SCALE_OUT_TARGET
+        # What the machine allows at the costs measured: each worker is one process (one
+        # core at most), and the workers, PostgreSQL and wrk share the cores.
+        bounds = [runs[n]["get_record"].get("cpu_bound_requests_per_second") for n in ("1", "2")]
+        if all(bounds):
+            document["scale_out_cpu_bound_2_over_1"] = round(bounds[1] / bounds[0], 3)
         if len(rounds) > 1:
             document["rounds"] = [
                 {"get_record_requests_per_second": {

@@ -138,6 +138,27 @@ class _Transport:
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+
+def _connected(accepted: socket.socket, loop: asyncio.AbstractEventLoop
+               ) -> tuple[GuardedHttpProtocol, _Transport]:
+    """The server's protocol on `accepted`, outside any server, for a test to drive."""
+    config = uvicorn.Config(_never_ending, http=GuardedHttpProtocol, lifespan="off",
+                            log_config=None)
+    protocol = GuardedHttpProtocol(config=config, server_state=ServerState(), app_state={},
+                                   _loop=loop)
+    transport = _Transport(accepted)
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    return protocol, transport
+
 
 def test_an_idle_connection_closes_once_the_client_has_every_byte() -> None:
     """The drain drops a connection only when the kernel holds nothing more for the client:
@@ -153,12 +174,7 @@ def test_an_idle_connection_closes_once_the_client_has_every_byte() -> None:
             with contextlib.suppress(BlockingIOError):
                 while True:  # the client reads nothing: the kernel fills up
                     accepted.send(b"x" * 65536)
-            config = uvicorn.Config(_never_ending, http=GuardedHttpProtocol, lifespan="off",
-                                    log_config=None)
-            protocol = GuardedHttpProtocol(config=config, server_state=ServerState(),
-                                           app_state={}, _loop=loop)
-            transport = _Transport(accepted)
-            protocol.connection_made(transport)  # type: ignore[arg-type]
+            protocol, transport = _connected(accepted, loop)
             for step in range(5):
                 protocol.drain(step * 0.1)
             assert transport.closing and not transport.aborted
@@ -171,4 +187,26 @@ def test_an_idle_connection_closes_once_the_client_has_every_byte() -> None:
             protocol.drain(1.1)
             assert transport.aborted
             protocol.connection_lost(None)
+    loop.close()
+
+
+def test_a_drain_drops_the_requests_waiting_in_the_pipeline() -> None:
+    """A drain answered a connection's whole pipeline (20,000 requests over 17 s, an outside
+    review): now the request running is answered and the connection then closes."""
+    loop = asyncio.new_event_loop()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        with client, accepted:
+            protocol, transport = _connected(accepted, loop)
+            protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
+            assert len(protocol.pipeline) == 3  # one running, three waiting
+            protocol.shutdown()
+            assert not protocol.pipeline
+            protocol.drain(0.0)
+            assert not transport.closing  # the running request is left to finish
+            protocol.connection_lost(None)
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
+    loop.run_until_complete(asyncio.sleep(0))
     loop.close()

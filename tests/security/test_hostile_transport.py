@@ -204,6 +204,7 @@ class Attack:
     stream_for: float = 0.0
     half_close: bool = False
     then: int | None = None  # the status of a second answer, to what followed the request
+    cut_within: float | None = None  # seconds: the server drops the connection by then
 
 
 def attacks(token: str, mark: str) -> list[Attack]:
@@ -260,6 +261,15 @@ def attacks(token: str, mark: str) -> list[Attack]:
         Attack("an upgrade with a body that would pass for a request", post(
             b"/api/v1/auth/login", b"Connection: Upgrade\r\nUpgrade: foo\r\n"
             b"Content-Length: 30\r\n", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"), {400}),
+        Attack("a broken chunked body pipelined behind a good request", get(
+            b"/healthz", close=False) + post(b"/api/v1/auth/login",
+                                             b"Transfer-Encoding: chunked\r\n", b"zz\r\n"),
+            {200}, then=400),
+        Attack("a trailer pipelined behind a good request", get(b"/healthz", close=False) + post(
+            b"/api/v1/auth/login", b"Transfer-Encoding: chunked\r\n",
+            b"0\r\nAuthorization: Bearer x\r\n\r\n"), {200}, then=400),
+        Attack("a refused client that sends on without reading", get(b"/healthz", b"X Bad: v\r\n"),
+               {400}, stream=b"a" * 16 * KiB, stream_for=WAIT - 1, cut_within=PROMPT),
         Attack("a bad request pipelined behind a good one", get(b"/healthz").replace(
             b"Connection: close\r\n", b"") + b"GET /healthz HTTP/1.1\r\nX Bad: v\r\n\r\n",
             {200}, then=400),
@@ -328,6 +338,8 @@ async def test_hostile_http_is_refused_while_others_are_served(
             assert mark.encode() not in result.received, what  # never an echo
             if attack.closes:
                 assert result.closed, what
+            if attack.cut_within is not None:
+                assert result.seconds < attack.cut_within, what
             if attack.stream:
                 # Refused at once, and not read on and thrown away: closed promptly.
                 assert result.seconds < PROMPT, what

@@ -210,3 +210,23 @@ def test_a_drain_drops_the_requests_waiting_in_the_pipeline() -> None:
         task.cancel()
     loop.run_until_complete(asyncio.sleep(0))
     loop.close()
+
+
+def test_the_running_request_hears_of_a_lost_connection_with_another_queued() -> None:
+    """uvicorn tells only the request parsed last: with one waiting in the pipeline, the one
+    running streamed on to a dead connection (an outside review)."""
+    loop = asyncio.new_event_loop()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        with client, accepted:
+            protocol, _transport = _connected(accepted, loop)
+            protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+            running = protocol._running  # the first request's cycle (the second waits)
+            assert running is not None and running is not protocol.cycle
+            protocol.connection_lost(None)
+            assert running.disconnected and running.message_event.is_set()
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()

@@ -153,6 +153,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._header_deadline = None
         if not self.transport.is_closing():
             self.transport.close()
+            self._cut_once_delivered()
+
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()
+        self._cut_once_delivered()
 
     def _busy(self) -> bool:
         return self._running is not None and not self._running.response_complete
@@ -164,10 +169,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         self._received += len(data)
         if self._refusal_pending:
-            return  # the parser has failed: nothing more is read into it (or logged)
+            # The parser has failed: nothing more is fed to it (or logged), and reading stays
+            # paused (uvicorn resumes it whenever the application asks for the body).
+            self.flow.pause_reading()
+            return
         messages, body, in_body = self._messages, self._body_bytes, not self._awaiting_head
         super().data_received(data)
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._refusal_pending:
             return
         if self._messages != messages:
             self._head_bytes = 0  # a message ended in this read; what follows is not counted
@@ -270,6 +278,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._cut = True  # ends `_cut_once_delivered` (the socket's number may be reused)
+        # uvicorn tells only the request parsed last; the one running may be another.
+        running = self._running
+        if running is not None and not running.response_complete:
+            running.disconnected = True
+            running.message_event.set()
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
@@ -311,18 +325,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
         self._cut_once_delivered()
 
-    def _cut_once_delivered(self, waited: float = 0.0) -> None:
+    def _cut_once_delivered(self, waited: float = 0.0, quiet: int = 0) -> None:
         """A connection this server closes is dropped once the client has acknowledged every
-        byte sent to it, rather than read from (and decrypted) until the client's TLS
+        byte sent to it (at `_QUIET_STEPS` checks in a row, as in a drain), or after
+        `CLOSE_LINGER_MAX` seconds, rather than read from (and decrypted) until the client's TLS
         close_notify or the loop's shutdown timeout: a client that sends without reading had
         4.5 GB read from it in those 5 s (an outside review)."""
-        if self._cut or waited >= CLOSE_LINGER_MAX:
+        if self._cut:
             return
-        if self._delivered():
+        quiet = quiet + 1 if self._delivered() else 0
+        if quiet >= _QUIET_STEPS or waited >= CLOSE_LINGER_MAX:
             self.cut()
         else:
             self.loop.call_later(CLOSE_LINGER_STEP, self._cut_once_delivered,
-                                 waited + CLOSE_LINGER_STEP)
+                                 waited + CLOSE_LINGER_STEP, quiet)
 
     # Draining.
 
@@ -331,7 +347,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         ends the connection when it is answered, an idle connection closes now."""
         self._draining = True
         self.pipeline.clear()
-        self._refusal_pending = False
         # (A transport closed twice lets go of its TLS connection, which then can no longer be
         # aborted and lingers until the TLS shutdown times out.)
         if self.transport.is_closing():
